@@ -1,0 +1,48 @@
+"""The one exception hierarchy of jquant.
+
+Every error a user can trigger derives from :class:`JQuantError`; messages name the
+tree path (or file), the offending value and what would be valid.
+"""
+
+from __future__ import annotations
+
+
+class JQuantError(Exception):
+    """Base class of every jquant error."""
+
+
+class SpecError(JQuantError, ValueError):
+    """An invalid quantization spec or rule (bits, group size, format, option)."""
+
+
+class ShapeError(JQuantError, ValueError):
+    """A spec that cannot apply to a leaf's shape, or arrays of mismatched shapes."""
+
+
+class NonFiniteError(JQuantError, ValueError):
+    """NaN or Inf where finite numbers are required (weights, scales, activations)."""
+
+
+class DTypeError(JQuantError, TypeError):
+    """A non-floating leaf given to a quantizer, or an unsupported dtype."""
+
+
+class CheckpointError(JQuantError):
+    """A missing, truncated or corrupt checkpoint file, or one that does not match."""
+
+
+class UnsupportedModelError(JQuantError):
+    """A model architecture or config the converters do not support."""
+
+
+class DataError(JQuantError, ValueError):
+    """Calibration / evaluation data that cannot serve (too short, out of vocabulary, missing)."""
+
+
+class RuleWarning(UserWarning):
+    """A quantization rule that matched no leaf of the tree."""
+
+
+def at(path: str | None, msg: str) -> str:
+    """Prefix a message with the tree path it concerns."""
+    return f"{path}: {msg}" if path else msg

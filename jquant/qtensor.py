@@ -1,0 +1,214 @@
+"""``QTensor``: a quantized array as a pytree (packed codes, scales, zeros, g_idx).
+
+Layout: codes are packed along the reduction ``axis`` (axis 0 of a Flax kernel
+``(in_features, out_features)``). Scales and zeros keep the logical shape with ``axis``
+replaced by the number of groups ``G`` (``group``/``channel``; ``G = 1`` for channel), or
+all ones (``tensor``). ``g_idx`` (act-order) gives, for every index along ``axis``, the
+group whose scale it uses.
+
+Arrays are pytree children; everything else (shape, dtype, format, bits, …) is static
+aux data, so a QTensor goes through ``jit``, ``vmap``, ``tree_map`` and sharding like any
+pytree of arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant import formats, packing
+from jquant.formats import Grid
+
+
+# ---------------------------------------------------------------------------------------
+# Grouped views: (G, S, R) with groups along the reduction axis, NaN padding.
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+    """How a logical array maps to its grouped view ``(G, S, R)``."""
+
+    shape: tuple[int, ...]
+    axis: int
+    granularity: str
+    group_size: int
+
+    @property
+    def length(self) -> int:  # K, the reduction length
+        return self.shape[self.axis]
+
+    @property
+    def rest(self) -> tuple[int, ...]:
+        return self.shape[: self.axis] + self.shape[self.axis + 1 :]
+
+    @property
+    def size(self) -> int:  # S
+        if self.granularity == "tensor":
+            return int(np.prod(self.shape))
+        if self.granularity == "channel":
+            return self.length
+        return min(self.group_size, self.length)
+
+    @property
+    def groups(self) -> int:  # G
+        if self.granularity == "group":
+            return -(-self.length // self.size)
+        return 1
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Stored shape of scale/zero."""
+        if self.granularity == "tensor":
+            return (1,) * len(self.shape)
+        s = list(self.shape)
+        s[self.axis] = self.groups
+        return tuple(s)
+
+    def to_groups(self, x, pad_value=jnp.nan):
+        """Logical array -> grouped view ``(G, S, R)`` (``(1, numel, 1)`` for ``tensor``)."""
+        if self.granularity == "tensor":
+            return x.reshape(1, -1, 1)
+        x = jnp.moveaxis(x, self.axis, 0).reshape(self.length, -1)
+        G, S = self.groups, self.size
+        pad = G * S - self.length
+        if pad:
+            x = jnp.pad(x, ((0, pad), (0, 0)), constant_values=pad_value)
+        return x.reshape(G, S, x.shape[-1])
+
+    def from_groups(self, xg):
+        """Grouped view -> logical array (drops padding)."""
+        if self.granularity == "tensor":
+            return xg.reshape(self.shape)
+        x = xg.reshape(-1, xg.shape[-1])[: self.length]
+        x = x.reshape((self.length,) + self.rest)
+        return jnp.moveaxis(x, 0, self.axis)
+
+    def params_to_stored(self, p):
+        """``(G, 1, R)`` parameters -> stored ``param_shape``."""
+        if self.granularity == "tensor":
+            return p.reshape(self.param_shape)
+        p = p.reshape((self.groups,) + self.rest)
+        return jnp.moveaxis(p, 0, self.axis)
+
+    def params_from_stored(self, p):
+        """Stored parameters -> ``(G, 1, R)``."""
+        if self.granularity == "tensor":
+            return p.reshape(1, 1, 1)
+        p = jnp.moveaxis(p, self.axis, 0)
+        return p.reshape(self.groups, 1, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# QTensor
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """A quantized array.
+
+    Children (arrays): ``codes`` (packed uint32/uint8), ``scale``, ``zero`` (integer zero
+    point as uint8, or float minimum; None for symmetric grids), ``g_idx`` (int32, act-order;
+    None when groups are contiguous).
+    Static: ``shape``, ``dtype`` (name of the original float dtype), ``grid``
+    (format, bits, symmetric, full_range, zero_type, scale_dtype), ``granularity``,
+    ``group_size``, ``axis``, ``word_bits``, ``method`` (which quantizer made it).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    g_idx: jax.Array | None
+    shape: tuple[int, ...]
+    dtype: str
+    grid: Grid
+    granularity: str
+    group_size: int
+    axis: int
+    word_bits: int = 32
+    method: str = "rtn"
+
+    # -- static views ---------------------------------------------------------------
+    @property
+    def layout(self) -> GroupLayout:
+        return GroupLayout(self.shape, self.axis, self.granularity, self.group_size)
+
+    @property
+    def bits(self) -> int:
+        return self.grid.bits
+
+    @property
+    def format(self) -> str:
+        return self.grid.fmt
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Real storage: codes + scales + zeros + g_idx."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.codes, self.scale, self.zero, self.g_idx) if a is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(self.size, 1)
+
+    def __repr__(self) -> str:
+        return (f"QTensor({self.format}{self.bits if self.format == 'int' else ''} "
+                f"{self.granularity}{self.group_size if self.granularity == 'group' else ''}, "
+                f"shape={self.shape}, dtype={self.dtype}, {self.bits_per_weight:.3f} bits/weight)")
+
+    # -- values ------------------------------------------------------------------------
+    def unpacked_codes(self):
+        """Codes as uint8 in the logical shape."""
+        return packing.unpack(self.codes, self.bits, self.shape[self.axis], axis=self.axis,
+                              word_bits=self.word_bits)
+
+    def dequantize(self, dtype=None):
+        """The float array (``dtype`` defaults to the original dtype)."""
+        dtype = jnp.dtype(dtype or self.dtype)
+        lay = self.layout
+        codes = self.unpacked_codes()
+        scale = self.scale.astype(jnp.float32)
+        zero = None if self.zero is None else self.zero.astype(jnp.float32)
+        if self.g_idx is not None:
+            # Act-order: every index along axis picks its group's parameters.
+            scale = jnp.take(scale, self.g_idx, axis=self.axis)
+            zero = None if zero is None else jnp.take(zero, self.g_idx, axis=self.axis)
+            return formats.decode(codes, scale, zero, self.grid).astype(dtype)
+        cg = lay.to_groups(codes, pad_value=0)
+        sg = lay.params_from_stored(scale)
+        zg = None if zero is None else lay.params_from_stored(zero)
+        return lay.from_groups(formats.decode(cg, sg, zg, self.grid)).astype(dtype)
+
+
+jax.tree_util.register_dataclass(
+    QTensor,
+    data_fields=["codes", "scale", "zero", "g_idx"],
+    meta_fields=["shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method"],
+)
+
+
+def is_qtensor(x: Any) -> bool:
+    return isinstance(x, QTensor)
+
+
+def dequantize(x, dtype=None):
+    """Dequantize a QTensor; pass float arrays through (optionally cast)."""
+    if isinstance(x, QTensor):
+        return x.dequantize(dtype)
+    return x if dtype is None else jnp.asarray(x).astype(dtype)
+
+
+def dequantize_tree(tree, dtype=None):
+    """Replace every QTensor leaf of a tree by its float array."""
+    return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_qtensor(x) else x, tree,
+                                  is_leaf=is_qtensor)
