@@ -119,6 +119,16 @@ def _safe(s):
     return jnp.where(s == 0, 1.0, s)
 
 
+def div(a, b):
+    """IEEE ``a / b`` with broadcasting. XLA's simplifier turns a division by a broadcast
+    (a scalar or a per-group scale) into a multiplication by the reciprocal, which is off
+    by an ulp often enough to flip roundings; the barrier keeps the true division, so
+    codes and scales match references (and GGUF's C code) exactly."""
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+    b = lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), shape))
+    return a / b
+
+
 def params_from_range(lo, hi, grid: Grid):
     """Scale (and zero) of range formats from a clipping range ``[lo, hi]`` (shapes ``(G,1,R)``).
 
@@ -131,22 +141,22 @@ def params_from_range(lo, hi, grid: Grid):
     hi = hi.astype(jnp.float32)
     if fmt in CODEBOOK_FORMATS:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        return _store(absmax / format_max(fmt), scale_dtype), None
+        return _store(div(absmax, format_max(fmt)), scale_dtype), None
     if symmetric:
         half = 2 ** (bits - 1)
         if full_range:
             extreme = jnp.where(jnp.abs(lo) > jnp.abs(hi), lo, hi)
-            return _store(extreme / -half, scale_dtype), None
+            return _store(div(extreme, -half), scale_dtype), None
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        return _store(absmax / (half - 1), scale_dtype), None
+        return _store(div(absmax, half - 1), scale_dtype), None
     maxq = 2**bits - 1
     if zero_type == "int":
         lo = jnp.minimum(lo, 0.0)
         hi = jnp.maximum(hi, 0.0)
-        s = _store((hi - lo) / maxq, scale_dtype)
-        z = jnp.clip(jnp.round(-lo / _safe(s)), 0, maxq)
+        s = _store(div(hi - lo, maxq), scale_dtype)
+        z = jnp.clip(jnp.round(div(-lo, _safe(s))), 0, maxq)
         return s, z
-    s = _store((hi - lo) / maxq, scale_dtype)
+    s = _store(div(hi - lo, maxq), scale_dtype)
     m = _store(lo, scale_dtype)
     return s, m
 
@@ -160,21 +170,21 @@ def encode(x, scale, zero, grid: Grid):
         if symmetric:
             half = 2 ** (bits - 1)
             lo_q = -half if full_range else -(half - 1)
-            q = jnp.clip(jnp.round(x / _safe(scale)), lo_q, half - 1)
+            q = jnp.clip(jnp.round(div(x, _safe(scale))), lo_q, half - 1)
             c = q + half
         elif zero_type == "int":
-            c = jnp.clip(jnp.round(x / _safe(scale)) + zero, 0, maxq)
+            c = jnp.clip(jnp.round(div(x, _safe(scale))) + zero, 0, maxq)
         else:
-            c = jnp.clip(jnp.round((x - zero) / _safe(scale)), 0, maxq)
+            c = jnp.clip(jnp.round(div(x - zero, _safe(scale))), 0, maxq)
         return jnp.where(jnp.isnan(c), 0, c).astype(jnp.uint8)
     if fmt == "nf4":
-        y = jnp.clip(x / _safe(scale), -1.0, 1.0)
+        y = jnp.clip(div(x, _safe(scale)), -1.0, 1.0)
         mids = jnp.asarray((NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2)
         c = jnp.sum(y[..., None] > mids, axis=-1)
         return c.astype(jnp.uint8)
     if fmt in _FLOAT_DTYPES:
         fmax = format_max(fmt)
-        y = jnp.clip(x / _safe(scale), -fmax, fmax)
+        y = jnp.clip(div(x, _safe(scale)), -fmax, fmax)
         y = jnp.where(jnp.isnan(y), 0.0, y)
         f = y.astype(_FLOAT_DTYPES[fmt])
         if bits == 8:
@@ -218,6 +228,6 @@ def quantize_meanabs(x, grid: Grid):
         c = (x >= alpha).astype(jnp.uint8)
         return c, beta
     gamma = _store(absmean, scale_dtype)
-    q = jnp.clip(jnp.round(x / jnp.maximum(gamma, 1e-8)), -1, 1)
+    q = jnp.clip(jnp.round(div(x, jnp.maximum(gamma, 1e-8))), -1, 1)
     c = jnp.where(jnp.isnan(q), 0, q + 1).astype(jnp.uint8)
     return c, gamma

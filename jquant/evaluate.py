@@ -1,0 +1,121 @@
+"""Quality of a (quantized) language model on real text.
+
+- :func:`perplexity`: the standard method: tokenize the whole text, cut it into
+  non-overlapping windows of ``seq_len`` tokens, take the mean next-token negative
+  log-likelihood over every predicted position (each window's first token has no
+  context and is not scored), and ``exp`` of it.
+- :func:`agreement`: how far a quantized model's next-token distribution is from the
+  float model's: mean ``KL(p_float ‖ p_quant)`` per token, and top-1 agreement.
+
+Both take ``logits_fn(tokens: int32[B, T]) -> float[B, T, V]`` (jit it), so they serve
+any model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.data import eval_windows
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+
+    def __str__(self):
+        return f"ppl {self.ppl:.3f} (mean NLL {self.nll:.4f} over {self.tokens} tokens in {self.windows} windows)"
+
+
+def _batches(windows: np.ndarray, batch_size: int):
+    """Full batches; the last one padded by repeating a window, with a 0/1 row mask."""
+    n = len(windows)
+    for i in range(0, n, batch_size):
+        b = windows[i: i + batch_size]
+        mask = np.ones(len(b), np.float32)
+        if len(b) < batch_size:
+            pad = batch_size - len(b)
+            b = np.concatenate([b, np.repeat(b[:1], pad, axis=0)])
+            mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+        yield jnp.asarray(b), jnp.asarray(mask)
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="win", leave=False)
+
+
+def token_nll(logits, tokens):
+    """Per-position NLL (float32) of ``tokens[:, 1:]`` under ``logits[:, :-1]``: shape ``(B, T-1)``."""
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def perplexity(logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512, batch_size: int = 8,
+               max_windows: int | None = None, progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity of ``logits_fn`` on a token stream (see module doc)."""
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+
+    @jax.jit
+    def nll_sum(batch, mask):
+        return jnp.sum(token_nll(logits_fn(batch), batch) * mask[:, None])
+
+    total = 0.0
+    bar = _progress(len(windows), desc, progress)
+    for batch, mask in _batches(windows, batch_size):
+        total += float(nll_sum(batch, mask))
+        if bar is not None:
+            bar.update(int(mask.sum()))
+    if bar is not None:
+        bar.close()
+    count = len(windows) * (seq_len - 1)
+    nll = total / count
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(windows))
+
+
+@dataclasses.dataclass
+class AgreementResult:
+    kl: float  # mean KL(p_ref || p) in nats per token
+    top1: float  # fraction of positions whose argmax agrees
+    tokens: int
+
+    def __str__(self):
+        return f"KL {self.kl:.5f} nats/token, top-1 agreement {100 * self.top1:.2f}% over {self.tokens} tokens"
+
+
+def agreement(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512,
+              batch_size: int = 8, max_windows: int | None = None, progress: bool = False) -> AgreementResult:
+    """Mean ``KL(p_ref ‖ p)`` and top-1 agreement of two models' next-token distributions."""
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+
+    @jax.jit
+    def stats(batch, mask):
+        lr = jax.nn.log_softmax(ref_logits_fn(batch).astype(jnp.float32), axis=-1)
+        lq = jax.nn.log_softmax(logits_fn(batch).astype(jnp.float32), axis=-1)
+        kl = jnp.sum(jnp.exp(lr) * (lr - lq), axis=-1)
+        top = (jnp.argmax(lr, -1) == jnp.argmax(lq, -1)).astype(jnp.float32)
+        return jnp.sum(kl * mask[:, None]), jnp.sum(top * mask[:, None])
+
+    kl_total = top_total = 0.0
+    bar = _progress(len(windows), "agreement", progress)
+    for batch, mask in _batches(windows, batch_size):
+        k, t = stats(batch, mask)
+        kl_total += float(k)
+        top_total += float(t)
+        if bar is not None:
+            bar.update(int(mask.sum()))
+    if bar is not None:
+        bar.close()
+    count = len(windows) * seq_len
+    return AgreementResult(kl=kl_total / count, top1=top_total / count, tokens=count)
