@@ -53,7 +53,7 @@ def _progress(total, desc, enabled):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="win", leave=False)
+    return tqdm(total=total, desc=desc, unit="win", leave=False, disable=None)
 
 
 def token_nll(logits, tokens):
@@ -119,3 +119,43 @@ def agreement(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, 
         bar.close()
     count = len(windows) * seq_len
     return AgreementResult(kl=kl_total / count, top1=top_total / count, tokens=count)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Float vs quantized model on the same windows, from one pass over the text."""
+
+    ref: PerplexityResult
+    quant: PerplexityResult
+    agreement: AgreementResult
+
+
+def compare(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512,
+            batch_size: int = 8, max_windows: int | None = None, progress: bool = False) -> Comparison:
+    """Perplexity of both models and their agreement, each batch run through both once."""
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+
+    @jax.jit
+    def stats(batch, mask):
+        ref = ref_logits_fn(batch).astype(jnp.float32)
+        q = logits_fn(batch).astype(jnp.float32)
+        m = mask[:, None]
+        nll_r = jnp.sum(token_nll(ref, batch) * m)
+        nll_q = jnp.sum(token_nll(q, batch) * m)
+        lr, lq = jax.nn.log_softmax(ref, -1), jax.nn.log_softmax(q, -1)
+        kl = jnp.sum(jnp.sum(jnp.exp(lr) * (lr - lq), -1) * m)
+        top = jnp.sum((jnp.argmax(lr, -1) == jnp.argmax(lq, -1)) * m)
+        return jnp.stack([nll_r, nll_q, kl, top])
+
+    acc = np.zeros(4)
+    bar = _progress(len(windows), "evaluate", progress)
+    for batch, mask in _batches(windows, batch_size):
+        acc += np.asarray(stats(batch, mask), dtype=np.float64)
+        if bar is not None:
+            bar.update(int(mask.sum()))
+    if bar is not None:
+        bar.close()
+    n_pred = len(windows) * (seq_len - 1)
+    n_all = len(windows) * seq_len
+    mk = lambda s: PerplexityResult(math.exp(s / n_pred), s / n_pred, n_pred, len(windows))  # noqa: E731
+    return Comparison(mk(acc[0]), mk(acc[1]), AgreementResult(acc[2] / n_all, acc[3] / n_all, n_all))

