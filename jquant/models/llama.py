@@ -1,0 +1,647 @@
+"""A Flax NNX Llama-family decoder (Llama 1-3, SmolLM, Mistral, Qwen2) that accepts QTensor weights.
+
+Architecture (arXiv:2302.13971, arXiv:2307.09288): token embedding, ``num_hidden_layers``
+pre-norm decoder blocks (RMSNorm → grouped-query attention with rotary embeddings
+(arXiv:2104.09864, arXiv:2305.13245) → residual; RMSNorm → SwiGLU MLP (arXiv:2002.05202) →
+residual), final RMSNorm, lm_head (or the tied embedding). Numerics follow Hugging Face
+``transformers`` (``LlamaForCausalLM``): RMSNorm in float32, rotary embeddings in the
+``rotate_half`` convention, softmax in float32.
+
+Every linear weight is a Flax kernel ``(in_features, out_features)`` (Hugging Face's
+``(out, in)`` is transposed once by the converters) and may be a float array or a
+:class:`jquant.qtensor.QTensor`: every matmul goes through :func:`jquant.models.layers.dense`.
+
+Parameter paths (``nnx.state(model)``), named as in Hugging Face so quantization rules read
+naturally::
+
+    embed_tokens/embedding                                   (vocab, hidden)
+    layers/<i>/input_layernorm/scale                         (hidden,)
+    layers/<i>/self_attn/{q,k,v}_proj/kernel                 (hidden, heads*head_dim) / (hidden, kv_heads*head_dim)
+    layers/<i>/self_attn/{q,k,v}_proj/bias                   only with attention_bias (Qwen2)
+    layers/<i>/self_attn/o_proj/kernel                       (heads*head_dim, hidden)
+    layers/<i>/post_attention_layernorm/scale                (hidden,)
+    layers/<i>/mlp/{gate,up}_proj/kernel                     (hidden, intermediate)
+    layers/<i>/mlp/down_proj/kernel                          (intermediate, hidden)
+    norm/scale                                               (hidden,)
+    lm_head/kernel                                           (hidden, vocab), absent when tied
+
+Block-wise access for calibration: ``model.embed(tokens)``, ``model.layers[i](h, positions)``
+and ``model.head(h)`` compose to the full forward; ``model.layers[i].forward_with_inputs(h)``
+also returns the input of every linear of the block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import FrozenDict
+
+from jquant.errors import UnsupportedModelError
+from jquant.models.layers import Embed, Linear, RMSNorm
+
+Array = jax.Array
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_HF_ARCHITECTURE = {v: k for k, v in _ARCHITECTURES.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family decoder. Frozen, hashable, validated on construction.
+
+    Attributes:
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads:
+        the usual sizes.
+      num_key_value_heads: KV heads for grouped-query attention (default: ``num_attention_heads``).
+      head_dim: per-head size (default: ``hidden_size // num_attention_heads``).
+      rms_norm_eps: RMSNorm epsilon.
+      rope_theta: rotary base.
+      rope_scaling: ``None`` or a mapping with ``rope_type`` in ``"default"``, ``"linear"``
+        (``factor``), ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+        ``original_max_position_embeddings``). Stored as a ``FrozenDict`` so the config hashes.
+      max_position_embeddings: the context the model was trained for (informational; caches
+        are sized by the caller).
+      tie_word_embeddings: logits are ``h @ embedding.T`` and there is no ``lm_head``.
+      attention_bias: q/k/v projections have biases (Qwen2; Llama with ``attention_bias``).
+      attention_out_bias: o_proj has a bias (Llama with ``attention_bias``; not Qwen2).
+      mlp_bias: gate/up/down projections have biases (Llama ``mlp_bias``).
+      sliding_window: attend only to the last ``sliding_window`` positions (Mistral), or ``None``.
+      model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"`` (kept for export).
+      bos_token_id, eos_token_id: kept for export and generation.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise UnsupportedModelError(f"LlamaConfig.{name}={v!r}: must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"LlamaConfig.head_dim={self.head_dim}: rotary embeddings need an even head_dim")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise UnsupportedModelError(f"LlamaConfig.sliding_window={self.sliding_window}: must be positive or None")
+        rs = self.rope_scaling
+        if rs is not None:
+            rs = dict(rs)
+            rope_type = rs.pop("rope_type", rs.pop("type", "default"))
+            rs.pop("rope_theta", None)
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise UnsupportedModelError(
+                    f"rope_scaling rope_type {rope_type!r} is not supported; supported: "
+                    f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+            if float(rs.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise UnsupportedModelError(
+                    f"rope_scaling partial_rotary_factor={rs['partial_rotary_factor']}: only 1.0 is supported")
+            rs.pop("partial_rotary_factor", None)
+            if rope_type == "default":
+                rs = None
+            else:
+                needed = {"linear": ("factor",),
+                          "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+                missing = [k for k in needed if k not in rs]
+                if missing:
+                    raise UnsupportedModelError(
+                        f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
+                if rope_type == "llama3":
+                    rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+                rs = FrozenDict({"rope_type": rope_type, **rs})
+        set_("rope_scaling", rs)
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per KV head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
+        """Build a config from a Hugging Face ``config.json`` dict.
+
+        Accepts ``model_type`` ``llama`` (incl. SmolLM), ``mistral`` and ``qwen2``, with the
+        rotary settings either as ``rope_theta`` + ``rope_scaling`` (transformers 4) or as
+        ``rope_parameters`` (transformers 5).
+
+        Raises:
+          UnsupportedModelError: another ``model_type``, an activation other than SiLU, an
+            unsupported rope type, or Qwen2 sliding-window layers.
+        """
+        model_type = d.get("model_type")
+        if model_type is None:
+            archs = [a for a in d.get("architectures") or [] if a in _ARCHITECTURES]
+            model_type = _ARCHITECTURES[archs[0]] if archs else None
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} (architectures {d.get('architectures')}) is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        act = d.get("hidden_act", d.get("hidden_activation", "silu"))
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"{model_type}: hidden_act {act!r} is not supported; supported: silu")
+
+        rope_theta = d.get("rope_theta")
+        rope_scaling = d.get("rope_scaling")
+        rp = d.get("rope_parameters")
+        if isinstance(rp, Mapping):
+            rp = dict(rp)
+            rope_theta = rp.pop("rope_theta", rope_theta)
+            rope_scaling = rp if rp else rope_scaling
+        if rope_theta is None:
+            rope_theta = 10000.0
+
+        heads = d["num_attention_heads"]
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+        if model_type == "llama":
+            kw["attention_bias"] = kw["attention_out_bias"] = bool(d.get("attention_bias", False))
+            kw["mlp_bias"] = bool(d.get("mlp_bias", False))
+        elif model_type == "mistral":
+            kw["sliding_window"] = d.get("sliding_window")
+        elif model_type == "qwen2":
+            kw["attention_bias"] = True
+            sliding = bool(d.get("use_sliding_window", False)) or any(
+                t == "sliding_attention" for t in d.get("layer_types") or [])
+            if sliding:
+                raise UnsupportedModelError(
+                    "qwen2: use_sliding_window=True (per-layer sliding-window attention) is not supported")
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict (``rope_theta``/``rope_scaling`` form)."""
+        d: dict[str, Any] = {
+            "architectures": [_HF_ARCHITECTURE[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+        if self.model_type == "llama":
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = self.mlp_bias
+        elif self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        elif self.model_type == "qwen2":
+            d["use_sliding_window"] = False
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings
+# --------------------------------------------------------------------------------------------
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies ``Float[np.ndarray, "head_dim/2"]`` (float32), as HF computes them.
+
+    ``default``: ``1 / theta**(2i/d)``; ``linear``: divided by ``factor``; ``llama3``: the
+    Llama 3.1 piecewise scaling (long wavelengths divided by ``factor``, short ones kept, a
+    smooth interpolation between).
+    """
+    return _rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_inv_freq(dim: int, theta: float, scaling: FrozenDict | None) -> np.ndarray:
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling["rope_type"]
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32)
+    # llama3
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+    smooth = ((old_ctx / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, config: LlamaConfig, dtype) -> tuple[Array, Array]:
+    """``cos, sin`` of shape ``positions.shape + (head_dim,)`` in ``dtype`` (computed in float32)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: Array) -> Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x`` ``(batch, seq, heads, head_dim)`` by ``cos, sin`` ``(batch, seq, head_dim)``."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+class KVCache(NamedTuple):
+    """Preallocated key/value cache (a pytree).
+
+    Attributes:
+      k, v: one ``Float[Array, "batch max_len kv_heads head_dim"]`` per layer.
+      index: ``int32`` scalar, the number of positions already written (slot ``j`` holds
+        position ``j``).
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def _default_positions(batch: int, seq: int, start) -> Array:
+    return jnp.broadcast_to(jnp.asarray(start, jnp.int32) + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with rotary embeddings.
+
+    Query head ``h`` uses KV head ``h // num_kv_groups`` (HF ``repeat_kv``).
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = Linear(d, h * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kv * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, kv * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(h * hd, d, use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
+                 index: Array | int = 0, capture: dict | None = None):
+        """Attention over ``x`` ``(batch, seq, hidden)``.
+
+        Args:
+          positions: ``Int[Array, "batch seq"]`` rotary positions.
+          kv: optional ``(k_cache, v_cache)`` ``(batch, max_len, kv_heads, head_dim)``; the new
+            keys/values are written at slot ``index`` and attention runs over the whole cache.
+          index: first cache slot of ``x`` (also the causal-mask offset).
+          capture: if a dict, ``'o_proj'`` is set to the input of ``o_proj``.
+        Returns:
+          ``(out (batch, seq, hidden), new_kv or None)``.
+        """
+        c = self.config
+        b, t, _ = x.shape
+        g = c.num_kv_groups
+        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        cos, sin = rope_cos_sin(positions, c, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        q_slot = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        if kv is not None:
+            k_cache, v_cache = kv
+            start = (0, jnp.asarray(index, jnp.int32), 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
+            kv = (k_cache, v_cache)
+            k_slot = jnp.arange(k.shape[1], dtype=jnp.int32)
+        else:
+            k_slot = q_slot
+        mask = k_slot[None, :] <= q_slot[:, None]  # (t, s)
+        if c.sliding_window is not None:
+            mask &= k_slot[None, :] > q_slot[:, None] - c.sliding_window
+
+        q = q.reshape(b, t, c.num_key_value_heads, g, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(c.head_dim))
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_attention_heads * c.head_dim)
+        if capture is not None:
+            capture["o_proj"] = out
+        return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, capture: dict | None = None) -> Array:
+        a = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if capture is not None:
+            capture["down_proj"] = a
+        return self.down_proj(a)
+
+
+class DecoderBlock(nnx.Module):
+    """One pre-norm decoder block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def _forward(self, h, positions, kv, index, capture):
+        b, t, _ = h.shape
+        if positions is None:
+            positions = _default_positions(b, t, index)
+        x = self.input_layernorm(h)
+        attn_cap = {} if capture is not None else None
+        a, kv = self.self_attn(x, positions, kv, index, attn_cap)
+        h = h + a
+        x2 = self.post_attention_layernorm(h)
+        mlp_cap = {} if capture is not None else None
+        h = h + self.mlp(x2, mlp_cap)
+        if capture is not None:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                capture[f"self_attn/{name}"] = x
+            capture["self_attn/o_proj"] = attn_cap["o_proj"]
+            capture["mlp/gate_proj"] = x2
+            capture["mlp/up_proj"] = x2
+            capture["mlp/down_proj"] = mlp_cap["down_proj"]
+        return h, kv
+
+    def __call__(self, h: Array, positions: Array | None = None,
+                 kv: tuple[Array, Array] | None = None, index: Array | int = 0):
+        """Apply the block to hidden states.
+
+        Args:
+          h: ``Float[Array, "batch seq hidden"]``.
+          positions: ``Int[Array, "batch seq"]`` rotary positions; default ``index + arange(seq)``.
+          kv: optional ``(k_cache, v_cache)`` of this layer (see :class:`KVCache`).
+          index: cache slot of ``h[:, 0]``; the causal mask is by slot.
+        Returns:
+          ``(h_out, new_kv)``; ``new_kv`` is ``None`` when ``kv`` is.
+        """
+        return self._forward(h, positions, kv, index, None)
+
+    def forward_with_inputs(self, h: Array, positions: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        """The block output and the input of each of its linears (for calibration).
+
+        Returns:
+          ``(h_out, inputs)`` with ``inputs`` keyed by the linear's path inside the block:
+          ``'self_attn/q_proj'``, ``'self_attn/k_proj'``, ``'self_attn/v_proj'`` (the same
+          array: the normed block input ``(batch, seq, hidden)``), ``'self_attn/o_proj'``
+          (attention output before o_proj, ``(batch, seq, heads*head_dim)``),
+          ``'mlp/gate_proj'``, ``'mlp/up_proj'`` (the same array: normed post-attention
+          hidden states) and ``'mlp/down_proj'`` (``silu(gate) * up``, ``(batch, seq,
+          intermediate)``). Each value ``x`` satisfies ``linear_out = x @ kernel (+ bias)``.
+        """
+        capture: dict[str, Array] = {}
+        out, _ = self._forward(h, positions, None, 0, capture)
+        return out, capture
+
+
+class Llama(nnx.Module):
+    """Llama-family causal LM. See the module docstring for parameter paths.
+
+    Call: ``model(tokens, positions=None, cache=None) -> (logits, cache)``.
+    Block-wise: ``model.embed(tokens)`` → ``model.layers[i](h, positions)`` → ``model.head(h)``.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderBlock(config, dtype=dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs))
+
+    def embed(self, tokens: Array) -> Array:
+        """``Int[Array, "batch seq"]`` → hidden states ``Float[Array, "batch seq hidden"]``."""
+        return self.embed_tokens(tokens, self.dtype)
+
+    def head(self, h: Array) -> Array:
+        """Final RMSNorm and lm_head (or tied embedding): ``(batch, seq, hidden)`` → logits ``(batch, seq, vocab)``."""
+        h = self.norm(h)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
+        c = self.config
+        dtype = self.dtype if dtype is None else dtype
+        shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers))
+        return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)),
+                       jnp.zeros((), jnp.int32))
+
+    def __call__(self, tokens: Array, positions: Array | None = None,
+                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """Forward pass.
+
+        Args:
+          tokens: ``Int[Array, "batch seq"]``.
+          positions: ``Int[Array, "batch seq"]`` rotary positions; default
+            ``cache.index + arange(seq)`` (``arange(seq)`` without a cache).
+          cache: optional :class:`KVCache`; ``tokens`` are written at ``cache.index`` and
+            attend to everything before. The caller keeps ``cache.index + seq <= max_len``.
+        Returns:
+          ``(logits Float[Array, "batch seq vocab"], updated cache or None)``.
+        """
+        b, t = tokens.shape
+        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        if positions is None:
+            positions = _default_positions(b, t, index)
+        h = self.embed(tokens)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            h, kv = layer(h, positions, kv, index)
+            if cache is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        logits = self.head(h)
+        new_cache = KVCache(tuple(ks), tuple(vs), index + t) if cache is not None else None
+        return logits, new_cache
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------
+
+def init_model(config: LlamaConfig, *, dtype=jnp.float32, key: Array | int = 0) -> Llama:
+    """A randomly initialised model (kernels ~ N(0, 0.02²), norms 1)."""
+    return Llama(config, dtype=dtype, rngs=nnx.Rngs(params=key))
+
+
+def abstract_model(config: LlamaConfig, *, dtype=jnp.float32) -> Llama:
+    """The model with ``jax.ShapeDtypeStruct`` leaves (no memory), for converters to fill."""
+    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, positions: Array | None = None,
+            cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """Jitted pure forward: ``nnx.merge(graphdef, state)(tokens, positions, cache)``.
+
+    ``state`` may hold float arrays or ``QTensor`` leaves; ``graphdef`` is static.
+    """
+    model = nnx.merge(graphdef, state)
+    return model(tokens, positions, cache)
+
+
+def _pick(logits: Array, key: Array | None, temperature: float, top_k: int | None) -> Array:
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, eos_token_id):
+    model = nnx.merge(graphdef, state)
+    b, t = prompt.shape
+    cache = model.init_cache(b, t + max_new_tokens)
+    logits, cache = model(prompt, cache=cache)
+    keys = None if key is None else jax.random.split(key, max_new_tokens)
+    tok = _pick(logits[:, -1], None if keys is None else keys[0], temperature, top_k)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
+    done = jnp.zeros((b,), bool) if eos_token_id is None else tok == eos_token_id
+
+    def step(i, carry):
+        out, tok, cache, done = carry
+        logits, cache = model(tok[:, None], cache=cache)
+        nxt = _pick(logits[:, -1], None if keys is None else keys[i], temperature, top_k)
+        if eos_token_id is not None:
+            nxt = jnp.where(done, eos_token_id, nxt)
+            done = done | (nxt == eos_token_id)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return out, nxt, cache, done
+
+    out, *_ = jax.lax.fori_loop(1, max_new_tokens, step, (out, tok, cache, done))
+    return jnp.concatenate([prompt, out], axis=1)
+
+
+def generate(model: Llama, prompt_tokens, max_new_tokens: int, *, key: Array | None = None,
+             temperature: float = 0.0, top_k: int | None = None,
+             eos_token_id: int | None = None) -> Array:
+    """Autoregressive generation with a preallocated KV cache, jitted end to end.
+
+    Args:
+      model: a :class:`Llama` (float or QTensor weights).
+      prompt_tokens: ``Int[Array, "batch seq"]`` (or ``"seq"``, then the result is 1-D too).
+      max_new_tokens: number of tokens to generate (static).
+      key: PRNG key, required when ``temperature > 0``.
+      temperature: 0 for greedy decoding; otherwise logits are divided by it and sampled.
+      top_k: sample among the ``top_k`` most likely tokens only.
+      eos_token_id: once a sequence emits it, the rest of that sequence is ``eos_token_id``
+        (shapes stay static: always ``max_new_tokens`` are produced).
+    Returns:
+      ``Int[Array, "batch seq+max_new_tokens"]``: the prompt followed by the new tokens.
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    squeeze = prompt.ndim == 1
+    if squeeze:
+        prompt = prompt[None]
+    if max_new_tokens < 1:
+        return prompt[0] if squeeze else prompt
+    temperature = float(temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0")
+    if temperature > 0 and key is None:
+        raise ValueError("temperature > 0 needs an explicit PRNG key (key=jax.random.key(...))")
+    if temperature == 0.0:
+        key = None
+    graphdef, state = nnx.split(model)
+    out = _generate(graphdef, state, prompt, key, int(max_new_tokens), temperature,
+                    None if top_k is None else int(top_k), eos_token_id)
+    return out[0] if squeeze else out

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random Hugging Face models saved as safetensors directories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(1)
+
+VOCAB = 128
+
+
+def _randomize(model, seed: int) -> None:
+    """Re-draw every parameter so logits are O(1) (HF's init makes them ~0 and parity trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[1]))
+
+
+def tiny_hf_model(kind: str = "llama", *, tie: bool = False, kv_heads: int = 2, rope_scaling=None,
+                  seed: int = 0, layers: int = 2):
+    """A tiny random float32 ``*ForCausalLM`` (hidden 64, 4 heads, vocab 128)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=10000.0, rope_scaling=rope_scaling)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common, rope_theta=1000000.0)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**common, rope_theta=10000.0, sliding_window=5)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    model.config._attn_implementation = "eager"
+    _randomize(model, seed)
+    if tie:
+        model.tie_weights()
+    return model.eval()
+
+
+@pytest.fixture
+def save_tiny(tmp_path):
+    """``save_tiny(name, **kw) -> (dir, torch_model)``; extra ``max_shard_size`` shards the file."""
+
+    def make(name: str = "m", max_shard_size=None, **kw):
+        model = tiny_hf_model(**kw)
+        d = tmp_path / name
+        extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(d, safe_serialization=True, **extra)
+        return d, model
+
+    return make
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
