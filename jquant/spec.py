@@ -25,7 +25,7 @@ ZERO_TYPES = ("int", "float")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 # Methods a spec may name. Data-free ones run in quantize_tree; data-driven ones run in
 # the calibration pipeline. Each is added here when its module lands.
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
