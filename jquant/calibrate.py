@@ -1,0 +1,273 @@
+"""The layer-wise calibration pipeline every data-driven quantizer plugs into.
+
+Calibration tokens go through the embedding; then, for each decoder block in turn:
+
+1. the block's linears are solved **true-sequentially** in the order
+   ``q/k/v → o → gate/up → down``: for each group the block runs on the current hidden
+   states with the linears already quantized in place, the inputs of the group are
+   captured and folded into one Hessian ``H = 2·XᵀX/n`` (linears that share an input share
+   it), and each linear is quantized by the method its rule names (``gptq``; ``rtn``
+   needs no data and is applied as is);
+2. the block's *quantized* outputs become the next block's inputs.
+
+Only one block's weights, Hessians and activations are live at a time (the hidden
+states of the calibration set are the working set). After every block its quantized
+parameters and the hidden states are written to ``work_dir`` atomically; a job killed at
+any point and started again with the same arguments continues after the last finished
+block and gives bit-identical results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant import checkpoint, gptq, rtn
+from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
+from jquant.qtensor import is_qtensor
+from jquant.spec import QuantSpec, Rule, compile_rules, match, path_str
+from jquant.tree import quantize_tree
+
+# Linears of a Llama block, in true-sequential order; a group shares one input.
+SEQUENTIAL_GROUPS = (
+    ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    ("self_attn/o_proj",),
+    ("mlp/gate_proj", "mlp/up_proj"),
+    ("mlp/down_proj",),
+)
+DATA_DRIVEN = ("gptq",)
+
+
+@dataclasses.dataclass
+class LayerLog:
+    path: str
+    method: str
+    seconds: float
+    loss: float | None = None  # the method's own loss (GPTQ: Σ(w−q)²/U_jj²/2)
+    recon: float | None = None  # tr(ΔWᵀ H ΔW)/2 = ‖X(W−Q)‖²/n on the calibration inputs
+    recon_rtn: float | None = None  # the same for RTN with the same grid, for comparison
+    damp: float | None = None
+
+
+def _fingerprint(tokens: np.ndarray, rules: Sequence[Rule], extra: str) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(tokens).tobytes())
+    h.update(repr([(p, None if s is None else s.to_dict()) for p, s in rules]).encode())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def _replace(state, values: dict):
+    """``state`` with the leaves at the given paths replaced."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: values.get(path_str(kp), x), state, is_leaf=is_qtensor)
+
+
+def _leaf(state, path: str):
+    for kp, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_qtensor)[0]:
+        if path_str(kp) == path:
+            return x
+    raise KeyError(path)
+
+
+def _write_atomic_npy(path: str, arr: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _write_atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None = None, batch_size: int = 8,
+                   progress: bool = True, model_id: str = "",
+                   on_layer: Callable[[LayerLog], None] | None = None):
+    """Quantize a Llama-family NNX model by ``rules``, calibrating data-driven methods on ``tokens``.
+
+    Args:
+      model: a :class:`jquant.models.Llama` (left unchanged).
+      tokens: int32 ``(n, seq_len)`` calibration windows.
+      rules: ``(pattern, QuantSpec | None)``; block linears with ``method='gptq'`` are solved
+        on calibration data, ``rtn`` ones are rounded; other leaves (embedding, head) go
+        through :func:`jquant.quantize_tree` with the data-free rules.
+      work_dir: where per-block results go; an unfinished job in it is resumed.
+      batch_size: calibration windows per forward pass.
+      model_id: a string naming the model (part of the job's fingerprint for resumption).
+    Returns:
+      ``(state, logs)``: the quantized ``nnx.State`` (``nnx.update`` a model with it) and
+      one :class:`LayerLog` per quantized block linear.
+    """
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise DataError(f"calibration tokens must be a non-empty (n, seq_len) array, got shape {tokens.shape}")
+    config = model.config
+    if tokens.max() >= config.vocab_size or tokens.min() < 0:
+        raise DataError(f"calibration token ids outside the vocabulary of {config.vocab_size}")
+    compiled = compile_rules(rules)
+    graphdef, state = nnx.split(model)
+    n_layers = len(model.layers)
+    logs: list[LayerLog] = []
+
+    fp = _fingerprint(tokens, rules, f"{model_id}|{batch_size}|{n_layers}")
+    done = -1
+    if work_dir is not None:
+        os.makedirs(os.path.join(work_dir, "blocks"), exist_ok=True)
+        prog_path = os.path.join(work_dir, "progress.json")
+        if os.path.isfile(prog_path):
+            with open(prog_path) as fh:
+                prog = json.load(fh)
+            if prog.get("fingerprint") != fp:
+                raise CheckpointError(f"{work_dir}: holds an unfinished job with other arguments (model, rules, "
+                                      "calibration tokens or batch size); use another work_dir or delete it")
+            done = int(prog["done"])
+            logs = [LayerLog(**e) for e in prog.get("logs", [])]
+
+    # Block functions, jitted once per block structure.
+    block_gd = nnx.split(model.layers[0])[0]
+
+    @jax.jit
+    def run_block(bstate, h):
+        return nnx.merge(block_gd, bstate)(h)[0]
+
+    def hessian_fn(name):
+        @jax.jit
+        def f(bstate, h, hs):
+            _, inputs = nnx.merge(block_gd, bstate).forward_with_inputs(h)
+            return gptq.hessian_update(hs, inputs[name])
+        return f
+
+    hess_fns = {g[0]: hessian_fn(g[0]) for g in SEQUENTIAL_GROUPS}
+
+    @jax.jit
+    def embed(t):
+        return nnx.merge(graphdef, state).embed(t)
+
+    batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
+    hidden_path = os.path.join(work_dir, "hidden.npy") if work_dir else None
+    if done >= 0:
+        h_all = np.load(hidden_path)
+    else:
+        h_all = np.concatenate([np.asarray(embed(jnp.asarray(tokens[b]))) for b in batches])
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_layers, initial=done + 1, desc="calibrate", unit="block", disable=None)
+    block_states = {}
+    for i in range(n_layers):
+        prefix = f"layers/{i}/"
+        if i <= done:  # finished before: take its saved parameters
+            bst_saved = checkpoint.restore(os.path.join(work_dir, "blocks", f"{i:03d}"),
+                                           target=nnx.split(model.layers[i])[1])
+            block_states[i] = bst_saved
+            continue
+        t_block = time.perf_counter()
+        _, bstate = nnx.split(model.layers[i])
+        for group in SEQUENTIAL_GROUPS:
+            specs = {}
+            for name in group:
+                path = f"{prefix}{name}/kernel"
+                _, spec = match(path, compiled)
+                if spec is not None:
+                    specs[name] = spec
+            if not specs:
+                continue
+            needs_data = any(s.method in DATA_DRIVEN for s in specs.values())
+            H = None
+            if needs_data:
+                x_dim = _leaf(bstate, f"{group[0]}/kernel").shape[0]
+                hs = gptq.Hessian.zeros(x_dim)
+                for b in batches:
+                    hs = hess_fns[group[0]](bstate, jnp.asarray(h_all[b]), hs)
+                H = hs.H
+                if not bool(jnp.all(jnp.isfinite(H))):
+                    raise NonFiniteError(at(f"{prefix}{group[0]}", "calibration activations hold NaN/Inf"))
+            new = {}
+            for name, spec in specs.items():
+                path = f"{prefix}{name}/kernel"
+                w = _leaf(bstate, f"{name}/kernel")
+                t0 = time.perf_counter()
+                entry = LayerLog(path=path, method=spec.method, seconds=0.0)
+                if spec.method == "gptq":
+                    qt, info = gptq.gptq_quantize(w, H, spec, path=path)
+                    entry.loss, entry.damp = info.loss, info.damp
+                elif spec.method == "rtn":
+                    qt = rtn.quantize(w, spec, path=path)
+                else:
+                    raise SpecError(at(path, f"method {spec.method!r} is not supported by the calibration pipeline"))
+                jax.block_until_ready(qt.codes)
+                entry.seconds = time.perf_counter() - t0
+                if H is not None:
+                    entry.recon = gptq.reconstruction_error(w, qt, H)
+                    rspec = dataclasses.replace(spec, method="rtn", options=())
+                    entry.recon_rtn = gptq.reconstruction_error(w, rtn.quantize(w, rspec, path=path), H)
+                new[f"{name}/kernel"] = qt
+                logs.append(entry)
+                if on_layer is not None:
+                    on_layer(entry)
+            bstate = _replace(bstate, new)
+        # Push the quantized block's outputs forward.
+        h_all = np.concatenate([np.asarray(run_block(bstate, jnp.asarray(h_all[b]))) for b in batches])
+        if not np.all(np.isfinite(h_all)):
+            raise NonFiniteError(f"{prefix[:-1]}: block outputs hold NaN/Inf after quantization")
+        block_states[i] = bstate
+        if work_dir is not None:
+            bdir = os.path.join(work_dir, "blocks", f"{i:03d}")
+            if os.path.exists(bdir):
+                shutil.rmtree(bdir)
+            checkpoint.save(bdir, bstate)
+            _write_atomic_npy(hidden_path, h_all)
+            _write_atomic_json(prog_path, {"fingerprint": fp, "done": i,
+                                           "logs": [dataclasses.asdict(e) for e in logs]})
+        if bar is not None:
+            block_logs = [e for e in logs if e.path.startswith(prefix)]
+            worst = max((e.recon / e.recon_rtn for e in block_logs if e.recon and e.recon_rtn), default=float("nan"))
+            bar.set_postfix_str(f"block {i} {time.perf_counter() - t_block:.1f}s worst recon/rtn {worst:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    # Assemble: quantized blocks, then the remaining (non-block) leaves by the data-free rules.
+    out = state
+    repl = {}
+    for i, bst in block_states.items():
+        for kp, x in jax.tree_util.tree_flatten_with_path(bst, is_leaf=is_qtensor)[0]:
+            repl[f"layers/{i}/{path_str(kp)}"] = x
+    out = _replace(out, repl)
+    rest_rules = [(p, s if (s is None or s.method not in DATA_DRIVEN) else None) for p, s in rules]
+    rest_rules = [(r"^layers/\d+/", None)] + rest_rules
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rules for block leaves match nothing here
+        out = quantize_tree(out, rest_rules)
+    return out, logs
+
+
+def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len: int = 512, seed: int = 0,
+                       vocab_size: int | None = None) -> np.ndarray:
+    """``n`` calibration windows from the calibration part of a text source (see :mod:`jquant.data`)."""
+    from jquant import data
+
+    src = data.load_text(text)
+    if text == "pydoc":
+        src = data.split_text(src)[0]  # the tail is held out for evaluation
+    toks = data.tokenize(tokenizer, src, vocab_size)
+    return data.calibration_windows(toks, n, seq_len, seed)
+
+
+del QuantSpec
