@@ -13,6 +13,7 @@ manifest ``DIR/jquant.json`` (model, recipe, sizes, timings), written last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,11 +49,12 @@ def _load_model(model_path: str | None, dtype: str):
 
 
 def cmd_quantize(args) -> int:
+    import jax
     from flax import nnx
     from tqdm.auto import tqdm
 
     import jquant as jq
-    from jquant import recipes
+    from jquant import calibrate, recipes
 
     recipe = recipes.load_recipe(args.recipe)
     out = os.path.abspath(args.out)
@@ -60,7 +62,7 @@ def cmd_quantize(args) -> int:
     if os.path.exists(ckpt) and not args.overwrite:
         print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
         return 2
-    model, config, _, model_path, t_load = _load_model(args.model, args.dtype)
+    model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
     _, state = nnx.split(model)
     n_leaves = sum(1 for _ in jq.summary(state).leaves)
     bar = tqdm(total=n_leaves, desc=f"quantize {recipe.name}", unit="leaf", disable=True if args.quiet else None)
@@ -72,13 +74,34 @@ def cmd_quantize(args) -> int:
         bar.update(1)
 
     t0 = time.perf_counter()
-    qstate = jq.quantize_tree(state, recipe.rules, progress=progress)
-    import jax
-
+    data_driven = any(sp is not None and sp.method in calibrate.DATA_DRIVEN for _, sp in recipe.rules)
+    calib_info = None
+    if data_driven:
+        bar.close()
+        cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
+        if args.calib_windows:
+            cal["windows"] = args.calib_windows
+        if args.calib_seq_len:
+            cal["seq_len"] = args.calib_seq_len
+        if tok is None:
+            print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
+            return 2
+        toks = calibrate.calibration_tokens(tok, text=cal["text"], n=cal["windows"], seq_len=cal["seq_len"],
+                                            seed=cal["seed"], vocab_size=config.vocab_size)
+        qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
+                                                batch_size=cal["batch_size"], progress=not args.quiet,
+                                                model_id=model_path)
+        seen.extend(e.path for e in logs)
+        seen.extend(x.path for x in jq.summary(qstate).quantized if not x.path.startswith("layers/"))
+        calib_info = {**cal, "layers": [dataclasses.asdict(e) for e in logs]}
+        _write_json(os.path.join(out, "layers.json"), calib_info)
+    else:
+        qstate = jq.quantize_tree(state, recipe.rules, progress=progress)
     jax.block_until_ready(jax.tree_util.tree_leaves(qstate))
     t_quant = time.perf_counter() - t0
-    bar.update(n_leaves - bar.n)
-    bar.close()
+    if not data_driven:
+        bar.update(n_leaves - bar.n)
+        bar.close()
     t1 = time.perf_counter()
     jq.save(ckpt, qstate, overwrite=args.overwrite)
     t_save = time.perf_counter() - t1
@@ -90,6 +113,7 @@ def cmd_quantize(args) -> int:
         "bits_per_weight_all": s_q.bits_per_weight, "bits_per_weight_quantized": s_q.quantized_bits_per_weight,
         "checkpoint_bytes_on_disk": _dir_bytes(ckpt),
         "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
+        "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "layers"},
     }
     _write_json(os.path.join(out, MANIFEST), manifest)
     if not args.quiet:
@@ -187,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="rtn_w4_g64", help="recipe name in configs/ or a YAML file")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--calib-windows", type=int, default=None, help="calibration windows (recipe default: 128)")
+    q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)

@@ -285,7 +285,8 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
     if not static:
         # Whole groups per block, so each group's parameters come from updated weights.
         block = gs * max(1, block // gs) if gs <= block else gs
-    block = min(block, -(-K // 1))
+    # No longer than needed; with dynamic groups still a whole number of groups.
+    block = min(block, -(-K // gs) * gs) if not static else min(block, K)
     qt, loss, lam, tries, failed = _gptq(w, H, jnp.float32(opts.damp), spec=spec, lay=lay, block=block,
                                          act_order=opts.act_order, static=static, max_tries=opts.max_damp_tries)
     if bool(failed):
