@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -35,7 +36,7 @@ from flax import nnx
 from jquant import checkpoint, gptq, rtn
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
 from jquant.qtensor import is_qtensor
-from jquant.spec import QuantSpec, Rule, compile_rules, match, path_str
+from jquant.spec import Rule, compile_rules, match, path_str
 from jquant.tree import quantize_tree
 
 # Linears of a Llama block, in true-sequential order; a group shares one input.
@@ -250,8 +251,6 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     out = _replace(out, repl)
     rest_rules = [(p, s if (s is None or s.method not in DATA_DRIVEN) else None) for p, s in rules]
     rest_rules = [(r"^layers/\d+/", None)] + rest_rules
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rules for block leaves match nothing here
         out = quantize_tree(out, rest_rules)
@@ -269,5 +268,3 @@ def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len:
     toks = data.tokenize(tokenizer, src, vocab_size)
     return data.calibration_windows(toks, n, seq_len, seed)
 
-
-del QuantSpec

@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jquant import formats
@@ -303,5 +302,3 @@ def reconstruction_error(w, qt: QTensor, H) -> float:
     d = (jnp.asarray(w, jnp.float32) - qt.dequantize(jnp.float32))
     return float(jnp.sum(d * jnp.dot(H.astype(jnp.float32), d, precision=lax.Precision.HIGHEST)) / 2)
 
-
-del np

@@ -16,7 +16,7 @@ import numpy as np
 from jquant import rtn
 from jquant.errors import RuleWarning, SpecError, at
 from jquant.qtensor import QTensor, is_qtensor
-from jquant.spec import QuantSpec, Rule, compile_rules, match, path_str
+from jquant.spec import Rule, compile_rules, match, path_str
 
 # Data-free quantizers by method name: (array, spec, path) -> QTensor.
 DATA_FREE: dict[str, Callable] = {"rtn": lambda w, spec, path: rtn.quantize(w, spec, path=path)}

@@ -27,7 +27,7 @@ from jquant import QuantSpec
 from jquant.errors import NonFiniteError, ShapeError, SpecError
 from jquant.gptq import Hessian, gptq_quantize, hessian_update
 
-from gptq_reference import f16, gptq_reference, jquant_block, output_error, qparams
+from gptq_reference import gptq_reference, jquant_block, output_error, qparams
 
 MIN_EQUAL = 0.99  # fraction of dequantized entries equal to the reference's (see module docstring)
 ERR_RTOL = 0.01  # relative tolerance on the reconstruction error and on GPTQ's loss
