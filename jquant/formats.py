@@ -87,7 +87,7 @@ def codebook(fmt: str) -> np.ndarray:
 def format_max(fmt: str) -> float:
     """Largest finite magnitude of a codebook format's grid."""
     cb = codebook(fmt)
-    return float(np.nanmax(np.abs(cb)))
+    return float(np.max(np.abs(cb[np.isfinite(cb)])))  # e5m2 has ±Inf codes
 
 
 def _nanmax(x):
@@ -156,8 +156,9 @@ def params_from_range(lo, hi, grid: Grid):
         s = _store(div(hi - lo, maxq), scale_dtype)
         z = jnp.clip(jnp.round(div(-lo, _safe(s))), 0, maxq)
         return s, z
-    s = _store(div(hi - lo, maxq), scale_dtype)
+    # The step is taken from the *stored* minimum, so hi stays on the grid although m was rounded.
     m = _store(lo, scale_dtype)
+    s = _store(div(hi - m, maxq), scale_dtype)
     return s, m
 
 

@@ -46,7 +46,9 @@ class QuantSpec:
       percentile, mse_grid, mse_max_shrink, mse_norm, kl_bins, kl_candidates: its options.
       method: the quantizer (``rtn``; others as they land).
       options: method options, a mapping (stored as sorted pairs so the spec stays hashable).
-      scale_dtype: storage dtype of scales and float minima.
+      scale_dtype: storage dtype of scales and float minima; default float16, but float32 for
+        the FP8 formats (absmax/448 and absmax/57344 fall below float16's normal range for
+        typical weights).
       axis: the reduction (input) axis groups run along; 0 for Flax kernels ``(in, out)``.
       word_bits: packing word, 32 (uint32) or 8 (uint8).
     """
@@ -67,7 +69,7 @@ class QuantSpec:
     kl_candidates: int = 128
     method: str = "rtn"
     options: Any = ()
-    scale_dtype: str = "float16"
+    scale_dtype: str | None = None
     axis: int = 0
     word_bits: int = 32
 
@@ -109,6 +111,8 @@ class QuantSpec:
             raise SpecError(f"kl options need kl_bins >= 2 and kl_candidates >= 1, got {self.kl_bins}, {self.kl_candidates}")
         if self.method not in METHODS:
             raise SpecError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        if self.scale_dtype is None:
+            set_("scale_dtype", "float32" if self.format.startswith("fp8") else "float16")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SpecError(f"unknown scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
         if self.word_bits not in (8, 32):

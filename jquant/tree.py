@@ -69,6 +69,7 @@ class LeafSummary:
     kind: str  # spec description or the float dtype
     nbytes: int
     numel: int
+    quantized: bool = False
 
     @property
     def bits_per_weight(self) -> float:
@@ -91,7 +92,7 @@ class TreeSummary:
 
     @property
     def quantized(self) -> list[LeafSummary]:
-        return [x for x in self.leaves if not x.kind.startswith("float") and not x.kind.startswith("bfloat")]
+        return [x for x in self.leaves if x.quantized]
 
     @property
     def bits_per_weight(self) -> float:
@@ -133,7 +134,7 @@ def summary(tree) -> TreeSummary:
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qtensor)[0]:
         path = path_str(keypath)
         if is_qtensor(leaf):
-            leaves.append(LeafSummary(path, leaf.shape, _describe(leaf), leaf.nbytes, leaf.size))
+            leaves.append(LeafSummary(path, leaf.shape, _describe(leaf), leaf.nbytes, leaf.size, quantized=True))
         elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             n = int(np.prod(leaf.shape))
             leaves.append(LeafSummary(path, tuple(leaf.shape), str(leaf.dtype), n * leaf.dtype.itemsize, n))

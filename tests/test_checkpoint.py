@@ -1,0 +1,170 @@
+"""Orbax save/restore of trees holding QTensors of every kind."""
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jquant
+from jquant import QuantSpec
+from jquant.errors import CheckpointError
+
+META = ("shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method")
+
+
+def rand(shape, seed, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def make_tree():
+    act = jquant.quantize(rand((96, 16), 4), QuantSpec(bits=4, group_size=32, symmetric=False))
+    g_idx = jnp.asarray(np.random.default_rng(9).permutation(96) // 32, jnp.int32)  # act-order groups
+    return {
+        "sym": jquant.quantize(rand((64, 16), 0), QuantSpec(bits=4, group_size=32)),
+        "asym": jquant.quantize(rand((64, 16), 1), QuantSpec(bits=3, group_size=32, symmetric=False, word_bits=8)),
+        "fmin": jquant.quantize(rand((64, 16), 2, jnp.bfloat16),
+                                QuantSpec(bits=4, group_size=32, symmetric=False, zero_type="float")),
+        "nf4": jquant.quantize(rand((16, 64), 3), QuantSpec(format="nf4", granularity="channel", axis=1)),
+        "act": dataclasses.replace(act, g_idx=g_idx),
+        "float": {"bias": rand((16,), 5), "emb": rand((10, 8), 6, jnp.bfloat16)},
+        "layers": [rand((4,), 7), {"w": jquant.quantize(rand((32, 8), 8), QuantSpec(format="ternary", group_size=16))}],
+        "step": 7,  # a Python scalar leaf, kept in the JSON metadata
+    }
+
+
+def assert_same_tree(a, b):
+    la, ta = jax.tree_util.tree_flatten_with_path(a, is_leaf=jquant.is_qtensor)
+    lb, tb = jax.tree_util.tree_flatten_with_path(b, is_leaf=jquant.is_qtensor)
+    assert [jquant.path_str(k) for k, _ in la] == [jquant.path_str(k) for k, _ in lb]
+    for (k, x), (_, y) in zip(la, lb):
+        assert type(x) is type(y) or not jquant.is_qtensor(x), jquant.path_str(k)
+        if jquant.is_qtensor(x):
+            assert jquant.is_qtensor(y)
+            for m in META:
+                assert getattr(x, m) == getattr(y, m), (jquant.path_str(k), m)
+            for part in ("codes", "scale", "zero", "g_idx"):
+                u, v = getattr(x, part), getattr(y, part)
+                assert (u is None) == (v is None), (jquant.path_str(k), part)
+                if u is not None:
+                    assert u.dtype == v.dtype and u.shape == v.shape
+                    np.testing.assert_array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8))
+        elif isinstance(x, int):
+            assert x == y and type(y) is int
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tree = make_tree()
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    jquant.save(path, tree)
+    return tree, path
+
+
+def test_round_trip_without_target(saved):
+    tree, path = saved
+    out = jquant.restore(path)
+    assert isinstance(out, dict) and isinstance(out["layers"], list) and isinstance(out["layers"][1], dict)
+    assert_same_tree(tree, out)
+    assert out["act"].g_idx.dtype == jnp.int32 and out["fmin"].dtype == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(out["act"].dequantize()), np.asarray(tree["act"].dequantize()))
+    np.testing.assert_array_equal(np.asarray(out["fmin"].dequantize(jnp.float32)),
+                                  np.asarray(tree["fmin"].dequantize(jnp.float32)))
+
+
+def test_round_trip_with_target_and_shardings(saved):
+    tree, path = saved
+    out = jquant.restore(path, target=tree)
+    assert jax.tree_util.tree_structure(out, is_leaf=jquant.is_qtensor) == \
+        jax.tree_util.tree_structure(tree, is_leaf=jquant.is_qtensor)
+    assert_same_tree(tree, out)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    sh = NamedSharding(mesh, P())
+    out = jquant.restore(path, shardings=sh)
+    assert_same_tree(tree, out)
+    assert all(a.sharding == sh for a in jax.tree_util.tree_leaves(out) if not isinstance(a, int))
+    calls = []
+
+    def pick(leaf_path, part, shape):
+        calls.append((leaf_path, part, shape))
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    assert_same_tree(tree, jquant.restore(path, shardings=pick))
+    assert ("sym", "codes", (8, 16)) in calls and ("act", "g_idx", (96,)) in calls
+    assert ("float/bias", "array", (16,)) in calls and ("layers/1/w", "scale", (2, 8)) in calls
+    assert not any(p == "sym" and part == "zero" for p, part, _ in calls)
+
+
+def test_target_mismatch_is_checkpoint_error(saved):
+    tree, path = saved
+    extra = dict(tree, new=jnp.ones(3))
+    with pytest.raises(CheckpointError, match="'new'"):
+        jquant.restore(path, target=extra)
+    fewer = {k: v for k, v in tree.items() if k != "sym"}
+    with pytest.raises(CheckpointError, match="sym"):
+        jquant.restore(path, target=fewer)
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(64, 32, rngs=rngs)
+        self.l2 = nnx.Linear(32, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def test_nnx_state_target(tmp_path):
+    model = MLP(nnx.Rngs(0))
+    q = jquant.quantize_tree(nnx.state(model), [("kernel", QuantSpec(bits=4, group_size=32))])
+    jquant.save(tmp_path / "nnx", q)
+    fresh = MLP(nnx.Rngs(1))  # same structure, other values
+    out = jquant.restore(tmp_path / "nnx", target=nnx.state(fresh))
+    assert isinstance(out, nnx.State)
+    assert_same_tree(q, out)
+    nnx.update(fresh, jquant.dequantize_tree(out))
+    nnx.update(model, jquant.dequantize_tree(q))
+    x = rand((3, 64), 2)
+    np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
+
+
+def test_refuses_overwrite(tmp_path):
+    a = {"w": jquant.quantize(rand((32, 8), 0), QuantSpec(bits=4, group_size=32))}
+    b = {"w": jquant.quantize(rand((32, 8), 1), QuantSpec(bits=8, group_size=16))}
+    jquant.save(tmp_path / "c", a)
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        jquant.save(tmp_path / "c", b)
+    assert_same_tree(a, jquant.restore(tmp_path / "c"))
+    jquant.save(tmp_path / "c", b, overwrite=True)
+    assert_same_tree(b, jquant.restore(tmp_path / "c"))
+    assert not [p for p in os.listdir(tmp_path) if p != "c"]  # no temporary directory left behind
+
+
+def test_missing_and_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        jquant.restore(tmp_path / "absent")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "garbage.bin").write_bytes(b"\x00\x01not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk"):
+        jquant.restore(junk)
+    tree = {"w": jquant.quantize(rand((32, 8), 0), QuantSpec(bits=4, group_size=32)), "b": rand((8,), 1)}
+    jquant.save(tmp_path / "ok", tree)
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "ok", broken)
+    shutil.rmtree(broken / "arrays")
+    with pytest.raises(CheckpointError, match="broken"):
+        jquant.restore(broken)
+    no_meta = tmp_path / "no_meta"
+    shutil.copytree(tmp_path / "ok", no_meta)
+    shutil.rmtree(no_meta / "meta")
+    with pytest.raises(CheckpointError, match="no_meta"):
+        jquant.restore(no_meta)
