@@ -79,6 +79,8 @@ def cmd_quantize(args) -> int:
     if data_driven:
         bar.close()
         cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
+        if args.calib_text:
+            cal["text"] = args.calib_text
         if args.calib_windows:
             cal["windows"] = args.calib_windows
         if args.calib_seq_len:
@@ -163,6 +165,10 @@ def cmd_eval(args) -> int:
     graphdef, state = nnx.split(model)
     qstate = jq.restore(os.path.join(out, "params"), target=state)
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
+    cal = manifest.get("calibration") or {}
+    if cal.get("text") == source and source != "pydoc":
+        print(f"warning: '{source}' is also the calibration text of this model: the evaluation is not held out",
+              file=sys.stderr)
 
     ref_fn = lambda t: forward(graphdef, state, t)[0]  # noqa: E731
     q_fn = lambda t: forward(graphdef, qstate, t)[0]  # noqa: E731
@@ -211,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="rtn_w4_g64", help="recipe name in configs/ or a YAML file")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--calib-text", default=None,
+                   help="calibration text: pydoc (recipe default; its tail is held out), licenses, hf:..., a file")
     q.add_argument("--calib-windows", type=int, default=None, help="calibration windows (recipe default: 128)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--overwrite", action="store_true")

@@ -113,10 +113,11 @@ def _inverse_cholesky_upper(H, lam0, max_tries):
     eye = jnp.eye(K, dtype=H.dtype)
 
     def attempt(lam):
-        L = jnp.linalg.cholesky(H + lam * eye)
-        Hinv = jax.scipy.linalg.cho_solve((L, True), eye)
-        Hinv = (Hinv + Hinv.T) / 2
-        return jnp.linalg.cholesky(Hinv).T
+        # With P the reversal permutation and P(H+λI)P = L'L'ᵀ, the upper Cholesky factor of
+        # (H+λI)⁻¹ is U = P·L'⁻¹·P: one factorisation and one triangular solve, instead of
+        # factorising, inverting and factorising again.
+        Lr = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
+        return jax.scipy.linalg.solve_triangular(Lr, eye, lower=True)[::-1, ::-1]
 
     def bad(U):
         return ~jnp.all(jnp.isfinite(U))
@@ -189,7 +190,6 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
     S = jnp.zeros((G, N), jnp.float32)
     Z = jnp.zeros((G, N), jnp.float32)
     Q = jnp.zeros((N, Kp), jnp.uint8)
-    cols_idx = jnp.arange(Kp)
 
     def block_body(b, carry):
         W, Q, S, Z, loss = carry
@@ -238,10 +238,15 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
         W1, Q1, E1, S, Z, loss = lax.fori_loop(0, groups_per_block if not static else 1, group_body,
                                                (W1, Q1, E1, S, Z, loss))
         Q = lax.dynamic_update_slice(Q, Q1, (0, i1))
-        # Lazy batch update of everything right of the block (U is upper triangular).
-        Urows = lax.dynamic_slice(U, (i1, 0), (block, Kp))
-        Urows = jnp.where(cols_idx[None, :] >= i1 + block, Urows, 0.0)
-        W = W - jnp.dot(E1, Urows, precision=lax.Precision.HIGHEST)
+        # Lazy batch update of the columns right of the block, one block-wide tile at a time
+        # (a loop with a traced start: no flops spent on the columns already done).
+        def tile_body(t, W):
+            c0 = t * block
+            Ut = lax.dynamic_slice(U, (i1, c0), (block, block))
+            Wt = lax.dynamic_slice(W, (0, c0), (N, block))
+            return lax.dynamic_update_slice(W, Wt - jnp.dot(E1, Ut, precision=lax.Precision.HIGHEST), (0, c0))
+
+        W = lax.fori_loop(b + 1, Kp // block, tile_body, W)
         return W, Q, S, Z, loss
 
     W, Q, S, Z, loss = lax.fori_loop(0, Kp // block, block_body, (W, Q, S, Z, jnp.float32(0.0)))
