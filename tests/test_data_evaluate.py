@@ -1,0 +1,144 @@
+"""Text sources, window sampling, perplexity and agreement against NumPy references."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jquant import data, evaluate
+from jquant.errors import DataError
+
+V = 37
+
+
+def bigram_fn(table):
+    """A 'model' whose logits at each position depend only on the current token."""
+    t = jnp.asarray(table)
+    return lambda tokens: t[tokens]
+
+
+def nll_reference(table, windows):
+    """float64 mean NLL of tokens[1:] given tokens[:-1], over every window."""
+    table = np.asarray(table, np.float64)
+    logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
+    total, count = 0.0, 0
+    for w in windows:
+        for a, b in zip(w[:-1], w[1:], strict=True):
+            total -= logp[a, b]
+            count += 1
+    return total / count, count
+
+
+@pytest.fixture
+def stream():
+    return np.random.default_rng(0).integers(0, V, size=1000).astype(np.int32)
+
+
+@pytest.fixture
+def table():
+    return np.random.default_rng(1).standard_normal((V, V)).astype(np.float32) * 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_perplexity_matches_reference(stream, table, batch_size):
+    seq = 64
+    res = evaluate.perplexity(bigram_fn(table), stream, seq_len=seq, batch_size=batch_size)
+    windows = stream[: (len(stream) // seq) * seq].reshape(-1, seq)
+    nll, count = nll_reference(table, windows)
+    assert res.windows == 15 and res.tokens == count == 15 * 63
+    np.testing.assert_allclose(res.nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(res.ppl, math.exp(nll), rtol=1e-5)
+
+
+def test_perplexity_max_windows(stream, table):
+    res = evaluate.perplexity(bigram_fn(table), stream, seq_len=100, max_windows=4)
+    nll, _ = nll_reference(table, stream[:400].reshape(4, 100))
+    assert res.windows == 4
+    np.testing.assert_allclose(res.nll, nll, rtol=1e-5)
+
+
+def test_agreement_and_compare(stream, table):
+    other = table + np.random.default_rng(2).standard_normal(table.shape).astype(np.float32) * 0.5
+    same = evaluate.agreement(bigram_fn(table), bigram_fn(table), stream, seq_len=50, batch_size=4)
+    assert abs(same.kl) < 1e-6 and same.top1 == 1.0
+    ag = evaluate.agreement(bigram_fn(table), bigram_fn(other), stream, seq_len=50, batch_size=4)
+    # reference: mean over every position of KL(p_ref || p_other) and argmax agreement
+    toks = stream[:1000].reshape(-1, 50).ravel()
+    lp = table.astype(np.float64) - np.log(np.exp(table.astype(np.float64)).sum(-1, keepdims=True))
+    lq = other.astype(np.float64) - np.log(np.exp(other.astype(np.float64)).sum(-1, keepdims=True))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)[toks].mean()
+    top = (lp.argmax(-1) == lq.argmax(-1))[toks].mean()
+    np.testing.assert_allclose(ag.kl, kl, rtol=1e-5)
+    np.testing.assert_allclose(ag.top1, top, rtol=1e-6)
+    cmp = evaluate.compare(bigram_fn(table), bigram_fn(other), stream, seq_len=50, batch_size=3)
+    np.testing.assert_allclose(cmp.ref.ppl, evaluate.perplexity(bigram_fn(table), stream, seq_len=50).ppl, rtol=1e-5)
+    np.testing.assert_allclose(cmp.quant.ppl, evaluate.perplexity(bigram_fn(other), stream, seq_len=50).ppl, rtol=1e-5)
+    np.testing.assert_allclose(cmp.agreement.kl, kl, rtol=1e-5)
+
+
+def test_text_shorter_than_a_window(table):
+    with pytest.raises(DataError, match="shorter than one window of 512"):
+        evaluate.perplexity(bigram_fn(table), np.arange(100) % V, seq_len=512)
+
+
+def test_calibration_windows_deterministic_and_disjoint(stream):
+    a = data.calibration_windows(stream, 5, 100, seed=3)
+    b = data.calibration_windows(stream, 5, 100, seed=3)
+    c = data.calibration_windows(stream, 5, 100, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # each window is a slot of the stream, and no slot is used twice
+    starts = []
+    for w in a:
+        hits = [s for s in range(0, 1000, 100) if np.array_equal(stream[s:s + 100], w)]
+        assert hits
+        starts.append(hits[0])
+    assert len(set(starts)) == 5
+    with pytest.raises(DataError, match="holds only 10 windows of 100, 11 requested"):
+        data.calibration_windows(stream, 11, 100)
+
+
+def test_split_text_is_disjoint_and_complete():
+    text = "\n\n".join(f"paragraph {i} " + "x" * (i % 7) for i in range(200))
+    cal, ev = data.split_text(text, 0.1)
+    assert cal + ev == text and 0.05 * len(text) < len(ev) < 0.15 * len(text)
+    assert ev.startswith("\n\n")
+
+
+def test_text_sources():
+    pydoc = data.load_text("pydoc")
+    assert len(pydoc) > 100_000 and "Python" in pydoc
+    with pytest.raises(DataError, match="unknown text source"):
+        data.load_text("no-such-source-or-file")
+
+
+def test_hf_source_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot load dataset 'jquant-no-such-dataset'.*offline mode is on"):
+        data.load_text("hf:jquant-no-such-dataset:test")
+    with pytest.raises(DataError, match="must be hf:"):
+        data.load_text("hf:onlyname")
+
+
+def test_file_sources(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("hello world")
+    assert data.load_text(str(f)) == "hello world"
+    (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        data.load_text(str(tmp_path / "b.bin"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no .txt files"):
+        data.load_text(str(empty))
+
+
+def test_tokens_outside_vocabulary():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2, 500]}
+
+    with pytest.raises(DataError, match=r"outside the model's vocabulary of 100"):
+        data.tokenize(Tok(), "x", vocab_size=100)
