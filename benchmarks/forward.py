@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 import jquant as jq
+from _timing import median_time
 from jquant import data, evaluate
 from jquant.models import default_model_path, forward, load_gguf
 
@@ -37,15 +37,6 @@ SCHEMES = {
     "rtn W3 g64": jq.QuantSpec(bits=3, group_size=64, symmetric=False),
 }
 LINEARS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
-
-
-def _median(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def speed(graphdef, state, path, reps):
@@ -64,11 +55,11 @@ def speed(graphdef, state, path, reps):
         t0 = time.perf_counter()
         jax.block_until_ready(forward(graphdef, state, x)[0])
         first = time.perf_counter() - t0
-        t_jax = _median(lambda: jax.block_until_ready(forward(graphdef, state, x)[0]), reps)
+        t_jax = median_time(lambda: jax.block_until_ready(forward(graphdef, state, x)[0]), reps)
         xt = torch.from_numpy(toks.astype(np.int64))
         with torch.inference_mode():
             tm(xt)
-            t_torch = _median(lambda: tm(xt).logits, reps)
+            t_torch = median_time(lambda: tm(xt).logits, reps)
             ref = tm(xt).logits.numpy()
         diff = float(np.abs(np.asarray(forward(graphdef, state, x)[0]) - ref).max())
         n = batch * 512

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -26,23 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import jquant as jq
+from _timing import median_time
 from jquant import gptq
-
-
-def _median(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def matmul_rate(n=4096, reps=3) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))
-    t = _median(lambda: jax.block_until_ready(f(a)), reps)
+    t = median_time(lambda: jax.block_until_ready(f(a)), reps)
     return 2 * n**3 / t
 
 
@@ -114,7 +105,7 @@ def main():
         qt, _ = gptq.gptq_quantize(w, H, spec)
         jax.block_until_ready(qt.codes)
         first = time.perf_counter() - t0
-        t_jq = _median(lambda: jax.block_until_ready(gptq.gptq_quantize(w, H, spec)[0].codes), args.reps)
+        t_jq = median_time(lambda: jax.block_until_ready(gptq.gptq_quantize(w, H, spec)[0].codes), args.reps)
         flops = N * K**2 + 2 * K**3 // 3
         row = {"shape_in_out": f"{K}x{N}", "jquant_s": t_jq, "jquant_compile_s": max(first - t_jq, 0.0),
                "flops": flops, "floor_s": flops / rate, "x_floor": t_jq / (flops / rate), "matmul_GFLOPs": rate / 1e9}
@@ -125,7 +116,7 @@ def main():
             Wt = torch.from_numpy(np.asarray(w).T.copy())
             Ht = torch.from_numpy(np.array(H))
             Qt = torch_gptq(Wt, Ht)
-            row["torch_s"] = _median(lambda: torch_gptq(Wt, Ht), args.reps)
+            row["torch_s"] = median_time(lambda: torch_gptq(Wt, Ht), args.reps)
             row["torch_over_jquant"] = row["torch_s"] / t_jq
             deq = np.asarray(qt.dequantize()).T
             row["frac_equal_torch"] = float(np.mean(np.isclose(deq, Qt.numpy(), rtol=0, atol=1e-6)))

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -25,15 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jquant as jq
-
-
-def _median_time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from _timing import median_time
 
 
 def numpy_rtn(w: np.ndarray, bits: int, group: int, symmetric: bool):
@@ -67,7 +58,7 @@ def copy_bandwidth(nbytes: int, reps: int) -> float:
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
     np.copyto(b, a)
-    t = _median_time(lambda: np.copyto(b, a), reps)
+    t = median_time(lambda: np.copyto(b, a), reps)
     return 2 * nbytes / t
 
 
@@ -91,8 +82,8 @@ def main():
             t0 = time.perf_counter()
             jax.block_until_ready(jq.quantize(w, spec))
             first = time.perf_counter() - t0
-            t_jq = _median_time(lambda: jax.block_until_ready(jq.quantize(w, spec)), args.reps)
-            t_np = _median_time(lambda: numpy_rtn(w_np, 4, 128, symmetric), max(1, args.reps // 2))
+            t_jq = median_time(lambda: jax.block_until_ready(jq.quantize(w, spec)), args.reps)
+            t_np = median_time(lambda: numpy_rtn(w_np, 4, 128, symmetric), max(1, args.reps // 2))
             # Same codes as the NumPy implementation (sanity, not a timing).
             q = jq.quantize(w, spec)
             p_np, _, _ = numpy_rtn(w_np, 4, 128, symmetric)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from nnx_models import MLP
 
 import jquant
 from jquant import QuantSpec
@@ -111,15 +113,6 @@ def test_target_mismatch_is_checkpoint_error(saved):
     fewer = {k: v for k, v in tree.items() if k != "sym"}
     with pytest.raises(CheckpointError, match="sym"):
         jquant.restore(path, target=fewer)
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(64, 32, rngs=rngs)
-        self.l2 = nnx.Linear(32, 8, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(jax.nn.relu(self.l1(x)))
 
 
 def test_nnx_state_target(tmp_path):

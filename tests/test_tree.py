@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from nnx_models import MLP
 
 import jquant
 from jquant import QuantSpec
@@ -74,15 +75,6 @@ def test_linen_params_with_lists(ref):
     # paths in summary() use the same key-path strings the rules see
     paths = [leaf.path for leaf in jquant.summary(q).leaves]
     assert "params/blocks/0/attn/kernel" in paths and "params/embed/embedding" in paths
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(64, 32, rngs=rngs)
-        self.l2 = nnx.Linear(32, 8, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(jax.nn.relu(self.l1(x)))
 
 
 def test_nnx_state_quantize_update_and_run(ref):
