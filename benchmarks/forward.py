@@ -6,8 +6,8 @@ model loaded from the same GGUF, in the same run on the same machine; the ratio 
 the figure to compare (timings on shared machines are noisy). Compile time is reported
 apart.
 
-Part 2, quality: perplexity of the float model and of RTN W8 (per channel), W4 and W3
-(group 64, asymmetric integer zero) on the held-out tail of the default calibration
+Part 2, quality: perplexity of the float model and of RTN W8, W4 and W3 (group 64,
+asymmetric integer zero) on the held-out tail of the default calibration
 corpus (pydoc) and on out-of-domain text (fortunes).
 
 Usage: python benchmarks/forward.py [--reps 3] [--windows 16] [--skip-quality] [--json out.json]
@@ -32,7 +32,7 @@ from jquant import data, evaluate
 from jquant.models import default_model_path, forward, load_gguf
 
 SCHEMES = {
-    "rtn W8 channel": jq.QuantSpec(bits=8, granularity="channel", symmetric=True),
+    "rtn W8 g64": jq.QuantSpec(bits=8, group_size=64, symmetric=False),
     "rtn W4 g64": jq.QuantSpec(bits=4, group_size=64, symmetric=False),
     "rtn W3 g64": jq.QuantSpec(bits=3, group_size=64, symmetric=False),
 }
@@ -104,8 +104,12 @@ def main():
     path = str(default_model_path())
     model, config, tok = load_gguf(path)
     graphdef, state = nnx.split(model)
-    out = {"benchmark": "forward", "model": os.path.basename(path), "cpus": os.cpu_count(),
-           "machine": platform.processor() or platform.machine(), "jax": jax.__version__}
+    out = {}
+    if os.path.isfile(args.json):  # a partial rerun (--skip-speed/--skip-quality) keeps the other part
+        with open(args.json) as fh:
+            out = json.load(fh)
+    out.update({"benchmark": "forward", "model": os.path.basename(path), "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(), "jax": jax.__version__})
     if not args.skip_speed:
         rows = speed(graphdef, state, path, args.reps)
         out["speed"] = rows
