@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -227,10 +226,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             raise NonFiniteError(f"{prefix[:-1]}: block outputs hold NaN/Inf after quantization")
         block_states[i] = bstate
         if work_dir is not None:
-            bdir = os.path.join(work_dir, "blocks", f"{i:03d}")
-            if os.path.exists(bdir):
-                shutil.rmtree(bdir)
-            checkpoint.save(bdir, bstate)
+            checkpoint.save(os.path.join(work_dir, "blocks", f"{i:03d}"), bstate, overwrite=True)
             _write_atomic_npy(hidden_path, h_all)
             _write_atomic_json(prog_path, {"fingerprint": fp, "done": i,
                                            "logs": [dataclasses.asdict(e) for e in logs]})

@@ -10,6 +10,7 @@ is either whole or absent; a crash mid-save leaves no half-written checkpoint be
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -68,12 +69,19 @@ def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
         leaves_meta.append(entry)
     meta = {"format_version": FORMAT_VERSION, "leaves": leaves_meta}
     ocp, ckptr = _checkpointer()
+    # Write beside the target and swap, so an existing checkpoint survives a failed save.
+    new, old = path + ".saving", path + ".replaced"
+    for stale in (new, old):
+        if os.path.exists(stale):
+            shutil.rmtree(stale)
+    ckptr.save(new, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+    if hasattr(ckptr, "wait_until_finished"):
+        ckptr.wait_until_finished()
     if os.path.exists(path):
-        import shutil
-
-        shutil.rmtree(path)
-    ckptr.save(path, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
-    ckptr.wait_until_finished() if hasattr(ckptr, "wait_until_finished") else None
+        os.replace(path, old)
+    os.replace(new, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
 
 
 def load_meta(path: str | os.PathLike) -> dict:

@@ -161,3 +161,33 @@ def test_missing_and_corrupt(tmp_path):
     shutil.rmtree(no_meta / "meta")
     with pytest.raises(CheckpointError, match="no_meta"):
         jquant.restore(no_meta)
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import jquant.checkpoint as ck
+
+    old = {"w": jquant.quantize(rand((64, 8), 3), QuantSpec(bits=4, group_size=32))}
+    path = tmp_path / "ck"
+    jquant.save(path, old)
+    real = ck._checkpointer
+
+    class Crash(Exception):
+        pass
+
+    def crashing():
+        ocp, ckptr = real()
+
+        class C:
+            def save(self, *a, **k):
+                raise Crash
+
+        return ocp, C()
+
+    monkeypatch.setattr(ck, "_checkpointer", crashing)
+    with pytest.raises(Crash):
+        jquant.save(path, {"w": rand((64, 8), 4)}, overwrite=True)
+    monkeypatch.setattr(ck, "_checkpointer", real)
+    back = jquant.restore(path)
+    np.testing.assert_array_equal(np.asarray(back["w"].codes), np.asarray(old["w"].codes))
+    jquant.save(path, {"w": rand((64, 8), 4)}, overwrite=True)  # a later good save replaces it
+    assert not jquant.is_qtensor(jquant.restore(path)["w"])
