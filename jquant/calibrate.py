@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jquant import checkpoint, gptq, rtn
+from jquant._atomic import write_json, write_npy
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
 from jquant.qtensor import is_qtensor
 from jquant.spec import Rule, compile_rules, match, path_str
@@ -77,19 +78,6 @@ def _leaf(state, path: str):
         if path_str(kp) == path:
             return x
     raise KeyError(path)
-
-
-def _write_atomic_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _write_atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None = None, batch_size: int = 8,
@@ -227,8 +215,8 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         block_states[i] = bstate
         if work_dir is not None:
             checkpoint.save(os.path.join(work_dir, "blocks", f"{i:03d}"), bstate, overwrite=True)
-            _write_atomic_npy(hidden_path, h_all)
-            _write_atomic_json(prog_path, {"fingerprint": fp, "done": i,
+            write_npy(hidden_path, h_all)
+            write_json(prog_path, {"fingerprint": fp, "done": i,
                                            "logs": [dataclasses.asdict(e) for e in logs]})
         if bar is not None:
             block_logs = [e for e in logs if e.path.startswith(prefix)]

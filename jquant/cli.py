@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from jquant._atomic import write_json
+
 MANIFEST = "jquant.json"
 
 
@@ -28,13 +30,6 @@ def _dir_bytes(path: str) -> int:
         for f in files:
             total += os.path.getsize(os.path.join(root, f))
     return total
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def _load_model(model_path: str | None, dtype: str):
@@ -96,7 +91,7 @@ def cmd_quantize(args) -> int:
         seen.extend(e.path for e in logs)
         seen.extend(x.path for x in jq.summary(qstate).quantized if not x.path.startswith("layers/"))
         calib_info = {**cal, "layers": [dataclasses.asdict(e) for e in logs]}
-        _write_json(os.path.join(out, "layers.json"), calib_info)
+        write_json(os.path.join(out, "layers.json"), calib_info)
     else:
         qstate = jq.quantize_tree(state, recipe.rules, progress=progress)
     jax.block_until_ready(jax.tree_util.tree_leaves(qstate))
@@ -117,7 +112,7 @@ def cmd_quantize(args) -> int:
         "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
         "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "layers"},
     }
-    _write_json(os.path.join(out, MANIFEST), manifest)
+    write_json(os.path.join(out, MANIFEST), manifest)
     if not args.quiet:
         print(s_q.table(max_rows=12))
     print(f"quantized {len(seen)} leaves of {os.path.basename(model_path)} with {recipe.name} in {t_quant:.1f}s "
@@ -196,7 +191,7 @@ def cmd_eval(args) -> int:
     result = {"text": source, "seq_len": args.seq_len, "windows": cmp.ref.windows, "tokens": cmp.ref.tokens,
               "float_ppl": cmp.ref.ppl, "quant_ppl": cmp.quant.ppl, "kl": cmp.agreement.kl,
               "top1": cmp.agreement.top1, "eval_seconds": t_eval, "manifest": manifest}
-    _write_json(os.path.join(out, f"eval_{source}.json"), result)
+    write_json(os.path.join(out, f"eval_{source}.json"), result)
     return 0
 
 

@@ -156,7 +156,6 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
 
     G = lay.groups
     gs = lay.size if spec.granularity == "group" else K
-    with_zero = not spec.symmetric and spec.format == "int"
 
     # Up-front parameters (static groups, channel, tensor) from the original weights.
     if static:
@@ -185,8 +184,10 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
     lam0 = damp * jnp.mean(jnp.diag(H)[:K])
     U, lam, tries, failed = _inverse_cholesky_upper(H, lam0, max_tries)
 
-    groups_per_block = block // gs if (not static and gs <= block) else 1
-    gsize = gs if not static else block  # columns per inner group loop
+    # Inner loops: whole groups per block (gptq_quantize makes the block a multiple of the
+    # group), or the whole block as one run when the parameters are fixed up front.
+    gsize = block if static else gs
+    groups_per_block = block // gsize
     S = jnp.zeros((G, N), jnp.float32)
     Z = jnp.zeros((G, N), jnp.float32)
     Q = jnp.zeros((N, Kp), jnp.uint8)
@@ -219,7 +220,7 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
                     sc, zc = s0[gi], z0[gi]
                 else:
                     sc, zc = s, z
-                zz = zc if with_zero or (not spec.symmetric) else None
+                zz = None if spec.symmetric else zc
                 code = formats.encode(wcol, sc, zz, grid)
                 q = formats.decode(code, sc, zz, grid)
                 err = (wcol - q) / d
@@ -235,7 +236,7 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
 
         Q1 = jnp.zeros((N, block), jnp.uint8)
         E1 = jnp.zeros((N, block), jnp.float32)
-        W1, Q1, E1, S, Z, loss = lax.fori_loop(0, groups_per_block if not static else 1, group_body,
+        W1, Q1, E1, S, Z, loss = lax.fori_loop(0, groups_per_block, group_body,
                                                (W1, Q1, E1, S, Z, loss))
         Q = lax.dynamic_update_slice(Q, Q1, (0, i1))
         # Lazy batch update of the columns right of the block, one block-wide tile at a time
