@@ -4,7 +4,10 @@ Layout: codes are packed along the reduction ``axis`` (axis 0 of a Flax kernel
 ``(in_features, out_features)``). Scales and zeros keep the logical shape with ``axis``
 replaced by the number of groups ``G`` (``group``/``channel``; ``G = 1`` for channel), or
 all ones (``tensor``). ``g_idx`` (act-order) gives, for every index along ``axis``, the
-group whose scale it uses.
+group whose scale it uses. ``perm`` (the kernel layout of act-order, see
+:func:`act_order_to_perm`) says the rows along ``axis`` are *stored* permuted: stored row
+``j`` is logical row ``perm[j]``, with contiguous groups in stored order, so a matmul
+computes ``x[..., perm] @ W_stored`` and needs no per-element gather of scales.
 
 Arrays are pytree children; everything else (shape, dtype, format, bits, …) is static
 aux data, so a QTensor goes through ``jit``, ``vmap``, ``tree_map`` and sharding like any
@@ -111,7 +114,8 @@ class QTensor:
 
     Children (arrays): ``codes`` (packed uint32/uint8), ``scale``, ``zero`` (integer zero
     point as uint8, or float minimum; None for symmetric grids), ``g_idx`` (int32, act-order;
-    None when groups are contiguous).
+    None when groups are contiguous), ``perm`` (int32: stored row ``j`` along ``axis`` is
+    logical row ``perm[j]``; None when rows are stored in order).
     Static: ``shape``, ``dtype`` (name of the original float dtype), ``grid``
     (format, bits, symmetric, full_range, zero_type, scale_dtype), ``granularity``,
     ``group_size``, ``axis``, ``word_bits``, ``method`` (which quantizer made it).
@@ -129,6 +133,7 @@ class QTensor:
     axis: int
     word_bits: int = 32
     method: str = "rtn"
+    perm: jax.Array | None = None
 
     # -- static views ---------------------------------------------------------------
     @property
@@ -153,9 +158,9 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        """Real storage: codes + scales + zeros + g_idx."""
+        """Real storage: codes + scales + zeros + g_idx + perm."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-                   for a in (self.codes, self.scale, self.zero, self.g_idx) if a is not None)
+                   for a in (self.codes, self.scale, self.zero, self.g_idx, self.perm) if a is not None)
 
     @property
     def bits_per_weight(self) -> float:
@@ -175,6 +180,9 @@ class QTensor:
     def dequantize(self, dtype=None):
         """The float array (``dtype`` defaults to the original dtype)."""
         dtype = jnp.dtype(dtype or self.dtype)
+        if self.perm is not None:  # stored rows are permuted: dequantize them, then put them back
+            stored = dataclasses.replace(self, perm=None).dequantize(dtype)
+            return jnp.take(stored, jnp.argsort(self.perm), axis=self.axis)
         lay = self.layout
         codes = self.unpacked_codes()
         scale = self.scale.astype(jnp.float32)
@@ -192,9 +200,42 @@ class QTensor:
 
 jax.tree_util.register_dataclass(
     QTensor,
-    data_fields=["codes", "scale", "zero", "g_idx"],
+    data_fields=["codes", "scale", "zero", "g_idx", "perm"],
     meta_fields=["shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method"],
 )
+
+
+def act_order_to_perm(qt: QTensor) -> QTensor:
+    """The kernel layout of an act-order QTensor: rows stored by group, plus ``perm``.
+
+    An act-order (``g_idx``) tensor gathers a scale per element along ``axis``. Sorting the
+    rows by group (stably) makes the groups contiguous again; the rows are repacked in that
+    order and ``perm`` records it, so ``x @ W == x[..., perm] @ W_stored`` and a kernel reads
+    scales group by group. The dequantized array is unchanged. QTensors without ``g_idx``
+    come back as they are.
+
+    Raises:
+      ShapeError: when ``g_idx`` does not give every group ``group_size`` rows (the last
+        group may be shorter), so the sorted rows would not form the stored groups.
+    """
+    from jquant.errors import ShapeError
+
+    if qt.g_idx is None:
+        return qt
+    if qt.perm is not None:
+        raise ShapeError("QTensor has both g_idx and perm")
+    g_idx = np.asarray(qt.g_idx)
+    lay = qt.layout
+    counts = np.bincount(g_idx, minlength=lay.groups)
+    want = np.full(lay.groups, lay.size)
+    want[-1] = lay.length - lay.size * (lay.groups - 1)
+    if counts.shape[0] != lay.groups or not np.array_equal(counts, want):
+        raise ShapeError(f"g_idx does not assign {lay.size} rows to each of {lay.groups} groups "
+                         f"(counts {counts.tolist()[:8]}...); cannot store it with contiguous groups")
+    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+    codes = jnp.take(qt.unpacked_codes(), jnp.asarray(perm), axis=qt.axis)
+    packed = packing.pack(codes, qt.bits, axis=qt.axis, word_bits=qt.word_bits)
+    return dataclasses.replace(qt, codes=packed, g_idx=None, perm=jnp.asarray(perm))
 
 
 def is_qtensor(x: Any) -> bool:

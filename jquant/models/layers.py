@@ -2,9 +2,9 @@
 
 Every matmul with a weight goes through :func:`dense`, every embedding lookup through
 :func:`embed`, so a weight may be a float array or a :class:`jquant.qtensor.QTensor`
-anywhere in a model. This is the hook later GPU kernels plug into: today a QTensor is
-dequantized to the activation dtype (XLA fuses the dequantization into the matmul on CPU),
-tomorrow :func:`dense` can dispatch to a packed low-bit Pallas kernel.
+anywhere in a model. :func:`dense` hands a QTensor weight to
+:func:`pallas_kernels.dispatch.qmatmul`: the packed Pallas kernel on GPU, the chunked XLA
+dequantize-and-dot elsewhere (``$JQUANT_MATMUL`` or ``pallas_kernels.use_backend`` override it).
 
 Layout convention: kernels are Flax ``(in_features, out_features)``; embedding tables are
 ``(vocab, hidden)``.
@@ -60,7 +60,12 @@ def dense(x: Array, w: Any, bias: Array | None = None) -> Array:
     Returns:
       ``Float[Array, "... out"]`` in ``x.dtype``.
     """
-    y = x @ materialize(w, x.dtype)
+    if is_qtensor(w):
+        from pallas_kernels.dispatch import qmatmul
+
+        y = qmatmul(x, w)
+    else:
+        y = x @ materialize(w, x.dtype)
     if bias is not None:
         y = y + materialize(bias, x.dtype)
     return y

@@ -46,6 +46,7 @@ from flax.core import FrozenDict
 
 from jquant.errors import UnsupportedModelError
 from jquant.models.layers import Embed, Linear, RMSNorm
+from pallas_kernels.dispatch import get_backend, use_backend
 
 Array = jax.Array
 
@@ -564,15 +565,21 @@ def abstract_model(config: LlamaConfig, *, dtype=jnp.float32) -> Llama:
     return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, positions: Array | None = None,
             cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
     """Jitted pure forward: ``nnx.merge(graphdef, state)(tokens, positions, cache)``.
 
-    ``state`` may hold float arrays or ``QTensor`` leaves; ``graphdef`` is static.
+    ``state`` may hold float arrays or ``QTensor`` leaves; ``graphdef`` is static. The packed
+    matmul backend in effect (:func:`pallas_kernels.get_backend`) is part of the jit key.
     """
-    model = nnx.merge(graphdef, state)
-    return model(tokens, positions, cache)
+    return _forward(graphdef, state, tokens, positions, cache, get_backend())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _forward(graphdef, state, tokens, positions, cache, backend):
+    with use_backend(backend):
+        model = nnx.merge(graphdef, state)
+        return model(tokens, positions, cache)
 
 
 def _pick(logits: Array, key: Array | None, temperature: float, top_k: int | None) -> Array:
@@ -586,8 +593,13 @@ def _pick(logits: Array, key: Array | None, temperature: float, top_k: int | Non
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, eos_token_id):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, eos_token_id, backend):
+    with use_backend(backend):
+        return _generate_body(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, eos_token_id)
+
+
+def _generate_body(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, eos_token_id):
     model = nnx.merge(graphdef, state)
     b, t = prompt.shape
     cache = model.init_cache(b, t + max_new_tokens)
@@ -643,5 +655,5 @@ def generate(model: Llama, prompt_tokens, max_new_tokens: int, *, key: Array | N
         key = None
     graphdef, state = nnx.split(model)
     out = _generate(graphdef, state, prompt, key, int(max_new_tokens), temperature,
-                    None if top_k is None else int(top_k), eos_token_id)
+                    None if top_k is None else int(top_k), eos_token_id, get_backend())
     return out[0] if squeeze else out

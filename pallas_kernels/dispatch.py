@@ -1,0 +1,117 @@
+"""Which matmul a QTensor weight takes: the Pallas kernel on GPU, the chunked XLA path elsewhere.
+
+Backends:
+
+- ``auto`` (default): ``pallas`` on a GPU, ``xla`` on any other platform;
+- ``pallas``: :func:`pallas_kernels.wq_matmul.wq_matmul` compiled for the device (GPU);
+- ``interpret``: the same kernel in Pallas interpret mode (any platform; for tests);
+- ``xla``: :func:`pallas_kernels.xla_matmul.xla_matmul`, the chunked dequantize-and-dot;
+- ``dequant``: ``x @ qt.dequantize()``, the reference.
+
+Pick one with ``$JQUANT_MATMUL``, :func:`set_backend` or the :func:`use_backend` context
+manager. The choice is read when a function is traced, so functions already jitted keep the
+backend they were traced with.
+
+A weight a kernel cannot read (a codebook format, a ragged group, ``g_idx`` act-order that was
+not converted by :func:`prepare`) takes the ``xla`` path, which falls back to ``dequant``
+itself for what it cannot unpack; :func:`explain` says which path a weight gets and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jquant.qtensor import QTensor, act_order_to_perm, is_qtensor
+from pallas_kernels.layout import KernelUnsupported, kernel_weight
+
+BACKENDS = ("auto", "pallas", "interpret", "xla", "dequant")
+_backend = os.environ.get("JQUANT_MATMUL", "auto")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown matmul backend {name!r}; one of {BACKENDS}")
+    return name
+
+
+_check(_backend)
+
+
+def set_backend(name: str) -> None:
+    """Set the default backend for packed matmuls (see module doc)."""
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Use ``name`` for packed matmuls traced inside the ``with`` block."""
+    global _backend
+    old, _backend = _backend, _check(name)
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def resolve(backend: str | None = None) -> str:
+    """The concrete backend ``auto`` (or ``None``: the current default) stands for here."""
+    b = _check(backend or _backend)
+    if b == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return b
+
+
+def explain(qt: QTensor, backend: str | None = None) -> str:
+    """Which path ``x @ qt`` takes with ``backend``, and why."""
+    b = resolve(backend)
+    if b == "dequant":
+        return "dequant (requested)"
+    try:
+        kernel_weight(qt)
+    except KernelUnsupported as e:
+        return f"dequant (no packed path: {e})"
+    return b
+
+
+def qmatmul(x, w, backend: str | None = None):
+    """``x @ w`` for a float array or a QTensor ``w`` ``(K, N)``, in ``x``'s dtype."""
+    if not is_qtensor(w):
+        return x @ jnp.asarray(w).astype(x.dtype)
+    b = resolve(backend)
+    if b in ("pallas", "interpret"):
+        try:
+            kernel_weight(w)
+        except KernelUnsupported:
+            b = "xla"
+    if b == "pallas":
+        from pallas_kernels.wq_matmul import wq_matmul
+
+        return wq_matmul(x, w)
+    if b == "interpret":
+        from pallas_kernels.wq_matmul import wq_matmul
+
+        return wq_matmul(x, w, interpret=True)
+    if b == "xla":
+        from pallas_kernels.xla_matmul import xla_matmul
+
+        return xla_matmul(x, w)
+    return jnp.dot(x, w.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def prepare(tree):
+    """Convert every act-order QTensor (``g_idx``) in a tree to the kernel layout (``perm``).
+
+    Run once after quantizing or loading; the dequantized values do not change, and the
+    kernels then read scales group by group with the activations permuted.
+    """
+    return jax.tree_util.tree_map(lambda x: act_order_to_perm(x) if is_qtensor(x) and x.g_idx is not None else x,
+                                  tree, is_leaf=is_qtensor)

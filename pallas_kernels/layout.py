@@ -1,0 +1,98 @@
+"""The kernel view of a QTensor: which weights a packed-matmul kernel can read, and how.
+
+A QTensor already stores what the kernels read: codes packed along K (axis 0 of a Flax
+kernel ``(K, N)``) into uint32 words, GPTQ-style, and scales/zeros of shape
+``(K / group, N)``. :func:`kernel_weight` checks a QTensor fits and returns the arrays in
+kernel shape; anything it cannot take raises :class:`KernelUnsupported` naming the reason,
+so dispatch can fall back to the XLA path and say why.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jquant.errors import ShapeError
+from jquant.qtensor import QTensor
+from pallas_kernels.unpack import block_layout
+
+
+class KernelUnsupported(ShapeError):
+    """A QTensor (or shape) the packed kernels do not handle; the message says why."""
+
+
+class KernelWeight(NamedTuple):
+    """A QTensor in kernel form.
+
+    ``codes``: uint32 ``(K / n, w, N)`` (blocks of ``n`` codes in ``w`` words);
+    ``scale``/``zero``: ``(K / group, N)`` (``zero`` None for kinds without one);
+    ``perm``: int32 ``(K,)`` to apply to activations (act-order kernel layout) or None.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    perm: jax.Array | None
+    kind: str
+    bits: int
+    K: int
+    N: int
+    group: int
+
+
+def decode_kind(qt: QTensor) -> str:
+    g = qt.grid
+    if g.fmt == "int":
+        if g.symmetric:
+            return "sym"
+        return "asym_int" if g.zero_type == "int" else "asym_float"
+    if g.fmt in ("binary", "ternary"):
+        return g.fmt
+    raise KernelUnsupported(f"format {g.fmt!r} has no packed kernel (codebook formats dequantize through XLA)")
+
+
+def kernel_weight(qt: QTensor) -> KernelWeight:
+    """Check ``qt`` fits the packed kernels and return it in kernel shape."""
+    if not isinstance(qt, QTensor):
+        raise KernelUnsupported(f"expected a QTensor, got {type(qt).__name__}")
+    if len(qt.shape) != 2 or qt.axis != 0:
+        raise KernelUnsupported(f"kernels take 2-D (K, N) weights packed along axis 0; got shape {qt.shape} "
+                                f"axis {qt.axis}")
+    if qt.word_bits != 32:
+        raise KernelUnsupported(f"kernels read uint32 words; this QTensor packs into {qt.word_bits}-bit words")
+    if qt.g_idx is not None:
+        raise KernelUnsupported("act-order QTensor with g_idx: convert it once with "
+                                "jquant.qtensor.act_order_to_perm (or pallas_kernels.prepare) so groups are contiguous")
+    kind = decode_kind(qt)
+    K, N = qt.shape
+    bits = qt.bits
+    n, w = block_layout(bits)
+    lay = qt.layout
+    group = lay.size if qt.granularity == "group" else K
+    if K % group:
+        raise KernelUnsupported(f"K={K} is not a multiple of the group size {group} (ragged last group)")
+    if K % n:
+        raise KernelUnsupported(f"K={K} is not a multiple of {n}, the {bits}-bit packing block")
+    if K % 16:
+        raise KernelUnsupported(f"K={K} is not a multiple of 16 (the smallest K tile)")
+    codes = qt.codes.reshape(K // n, w, N)
+    scale = qt.scale
+    zero = qt.zero if kind in ("asym_int", "asym_float") else None
+    if qt.granularity == "tensor":
+        scale = jnp.broadcast_to(scale.reshape(1, 1), (1, N))
+        zero = None if zero is None else jnp.broadcast_to(zero.reshape(1, 1), (1, N))
+    return KernelWeight(codes, scale, zero, qt.perm, kind, bits, K, N, group)
+
+
+def pick_bk(K: int, group: int, bits: int, target: int) -> int:
+    """The largest power-of-two K tile ``≤ target`` that divides K, holds whole packing blocks
+    and either holds whole groups or sits inside one; at least 16 (a Triton dot's minimum)."""
+    n, _ = block_layout(bits)
+    bk = 1 << max(4, (max(target, 16)).bit_length() - 1)
+    while bk >= 16:
+        if K % bk == 0 and bk % n == 0 and (bk % group == 0 or group % bk == 0):
+            return bk
+        bk //= 2
+    raise KernelUnsupported(f"no K tile fits K={K}, group {group}, {bits}-bit blocks of {n} codes")

@@ -1,0 +1,69 @@
+"""The packed matmul for backends without a Pallas kernel (CPU): chunked dequantize-and-dot in XLA.
+
+``x @ qt.dequantize()`` writes the whole float weight to memory before the dot, four bytes
+per weight, which on a CPU costs many times the f32 matmul it replaces. Here a
+``lax.scan`` walks K in chunks of ``rows``: each step unpacks and decodes one chunk (the
+same tile functions the kernels use, :mod:`pallas_kernels.unpack`) into a small buffer that
+stays in cache and accumulates ``x_chunk @ w_chunk`` in float32. Weight traffic from memory
+is the packed ``bits/8`` bytes per weight.
+
+Weights the kernels cannot read (codebook formats, ragged groups, other axes) take the
+plain dequantize-then-dot route.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jquant.qtensor import QTensor
+from pallas_kernels.layout import KernelUnsupported, KernelWeight, kernel_weight, pick_bk
+from pallas_kernels.unpack import block_layout, decode, unpack_planes
+
+
+def _params(p, rows: int, group: int, C: int, N: int):
+    """Per-chunk parameters: ``(C, 1, N)`` when a chunk lies in one group, else ``(C, rows, N)``
+    is too big, so ``(C, rows // group, 1, N)`` to broadcast over each group's rows."""
+    p = p.astype(jnp.float32)
+    if rows <= group:
+        return jnp.repeat(p, group // rows, axis=0).reshape(C, 1, 1, N)
+    return p.reshape(C, rows // group, 1, N)
+
+
+def xla_matmul_kw(x2, kw: KernelWeight, *, rows: int = 256):
+    """``x2 @ W`` for 2-D activations ``(M, K)`` (already permuted) and a :class:`KernelWeight`."""
+    M, K = x2.shape
+    n, w = block_layout(kw.bits)
+    rows = pick_bk(kw.K, kw.group, kw.bits, rows)
+    C, N = K // rows, kw.N
+    T = rows // n
+    codes = kw.codes.reshape(C, T, w, N)
+    gpc = max(rows // kw.group, 1)  # groups per chunk
+    s = _params(kw.scale, rows, kw.group, C, N)
+    z = None if kw.zero is None else _params(kw.zero, rows, kw.group, C, N)
+    xc = x2.reshape(M, C, rows).transpose(1, 0, 2)
+
+    def step(acc, inp):
+        c, sc, zc, xk = inp
+        q = unpack_planes([c[:, j, :] for j in range(w)], kw.bits)  # (rows, N)
+        q = q.reshape(gpc, rows // gpc, N)
+        wt = decode(q, sc, zc, kw.kind, kw.bits).reshape(rows, N).astype(x2.dtype)
+        return acc + jnp.dot(xk, wt, preferred_element_type=jnp.float32), None
+
+    if z is None:
+        z = jnp.zeros((C, 1, 1, 1), jnp.float32)
+    acc, _ = jax.lax.scan(step, jnp.zeros((M, N), jnp.float32), (codes, s, z, xc))
+    return acc.astype(x2.dtype)
+
+
+def xla_matmul(x, qt: QTensor, *, rows: int = 256):
+    """``x @ qt`` in XLA without materializing the float weight (see module doc)."""
+    try:
+        kw = kernel_weight(qt)
+    except KernelUnsupported:
+        return jnp.dot(x, qt.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if kw.perm is not None:
+        x2 = jnp.take(x2, kw.perm, axis=1)
+    return xla_matmul_kw(x2, kw, rows=rows).reshape(lead + (kw.N,))
