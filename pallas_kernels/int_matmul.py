@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plt
 
 from jquant.qtensor import QTensor
 from pallas_kernels import tuning
-from pallas_kernels.layout import KernelUnsupported, kernel_weight, pick_bk
+from pallas_kernels.layout import KernelUnsupported, kernel_weight, pick_bk, tile_origin
 from pallas_kernels.unpack import block_layout, signed_codes, unpack_planes
 
 
@@ -62,10 +62,7 @@ def _kernel(*refs, M, N, K, bits, bm, bn, bk):
     o_ref = refs[-1]
     n, _ = block_layout(bits)
     T = bk // n
-    i, j = pl.program_id(0), pl.program_id(1)
-    m0, n0 = i * bm, j * bn
-    rmask = (m0 + jnp.arange(bm)) < M
-    cmask = (n0 + jnp.arange(bn)) < N
+    m0, n0, rmask, cmask = tile_origin(bm, bn, M, N)
 
     def body(t, acc):
         x = plt.load(xq_ref.at[pl.ds(m0, bm), pl.ds(t * bk, bk)], mask=rmask[:, None], other=0)

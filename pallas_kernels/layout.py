@@ -13,8 +13,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from jquant.errors import ShapeError
+from jquant.formats import Grid
 from jquant.qtensor import QTensor
 from pallas_kernels.unpack import block_layout
 
@@ -36,6 +38,7 @@ class KernelWeight(NamedTuple):
     zero: jax.Array | None
     perm: jax.Array | None
     kind: str
+    grid: Grid
     bits: int
     K: int
     N: int
@@ -83,7 +86,7 @@ def kernel_weight(qt: QTensor) -> KernelWeight:
     if qt.granularity == "tensor":
         scale = jnp.broadcast_to(scale.reshape(1, 1), (1, N))
         zero = None if zero is None else jnp.broadcast_to(zero.reshape(1, 1), (1, N))
-    return KernelWeight(codes, scale, zero, qt.perm, kind, bits, K, N, group)
+    return KernelWeight(codes, scale, zero, qt.perm, kind, qt.grid, bits, K, N, group)
 
 
 def pick_bk(K: int, group: int, bits: int, target: int) -> int:
@@ -96,3 +99,11 @@ def pick_bk(K: int, group: int, bits: int, target: int) -> int:
             return bk
         bk //= 2
     raise KernelUnsupported(f"no K tile fits K={K}, group {group}, {bits}-bit blocks of {n} codes")
+
+
+def tile_origin(bm: int, bn: int, M: int, N: int):
+    """Inside a kernel on a ``(M/bm, N/bn)`` grid: the tile's first row and column and the masks
+    of its rows and columns that lie inside the ``(M, N)`` output (the Triton lowering adds no
+    bounds masks of its own)."""
+    m0, n0 = pl.program_id(0) * bm, pl.program_id(1) * bn
+    return m0, n0, (m0 + jnp.arange(bm)) < M, (n0 + jnp.arange(bn)) < N

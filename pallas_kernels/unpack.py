@@ -9,7 +9,8 @@ shape ``(bk / n, bn)``, each a power of two in size, which is what Triton loads 
 
 Everything here is ``jnp`` on tiles, so it runs inside a Pallas kernel (lowered to Triton on
 GPU, or in interpret mode) and equally in plain XLA. Only elementwise ops, broadcasts and one
-row-major reshape are used.
+row-major reshape are used. Decoding codes to values is :func:`jquant.formats.decode` itself
+(plain ``jnp`` too), so kernel and reference weights agree bit for bit before the final cast.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-
-KINDS = ("sym", "asym_int", "asym_float", "binary", "ternary")
-
 
 def block_layout(bits: int) -> tuple[int, int]:
     """``(codes per block n, uint32 words per block w)``."""
@@ -58,26 +56,6 @@ def unpack_planes(planes, bits: int):
         q = ((lo >> shift) | hi_part) & mask
     q = jnp.broadcast_to(q, (T, n, bn))
     return q.reshape(T * n, bn)
-
-
-def decode(q, scale, zero, kind: str, bits: int):
-    """Float32 weights from codes and (broadcastable) float32 parameters.
-
-    The formulas and their operation order are those of :func:`jquant.formats.decode`, so a
-    kernel's weights equal the reference dequantization bit for bit before the final cast.
-    """
-    c = q.astype(jnp.float32)
-    if kind == "sym":
-        return (c - float(2 ** (bits - 1))) * scale
-    if kind == "asym_int":
-        return (c - zero) * scale
-    if kind == "asym_float":
-        return c * scale + zero
-    if kind == "binary":
-        return (2.0 * c - 1.0) * scale
-    if kind == "ternary":
-        return (c - 1.0) * scale
-    raise ValueError(f"unknown decode kind {kind!r}; one of {KINDS}")
 
 
 def signed_codes(q, bits: int):

@@ -29,20 +29,18 @@ from jax.experimental.pallas import triton as plt
 
 from jquant.qtensor import QTensor
 from pallas_kernels import tuning
-from pallas_kernels.layout import KernelUnsupported, KernelWeight, kernel_weight, pick_bk
-from pallas_kernels.unpack import block_layout, decode, unpack_planes
+from pallas_kernels.layout import KernelUnsupported, KernelWeight, kernel_weight, pick_bk, tile_origin
+from jquant.formats import decode
+from pallas_kernels.unpack import block_layout, unpack_planes
 
 
-def _kernel(*refs, M, N, K, bits, kind, group, bm, bn, bk, has_zero, aliased):
+def _kernel(*refs, M, N, K, bits, grid, group, bm, bn, bk, has_zero):
     x_ref, w_ref, s_ref = refs[:3]
     z_ref = refs[3] if has_zero else None
     o_ref = refs[-1]
     n, w = block_layout(bits)
     T = bk // n
-    i, j = pl.program_id(0), pl.program_id(1)
-    m0, n0 = i * bm, j * bn
-    rmask = (m0 + jnp.arange(bm)) < M
-    cmask = (n0 + jnp.arange(bn)) < N
+    m0, n0, rmask, cmask = tile_origin(bm, bn, M, N)
     xdt = x_ref.dtype
     per_tile = bk // group if bk > group else 0  # groups in a tile (0: the tile sits in one group)
 
@@ -62,7 +60,7 @@ def _kernel(*refs, M, N, K, bits, kind, group, bm, bn, bk, has_zero, aliased):
         q = unpack_planes(planes, bits)
         s = params(s_ref, k0)
         z = params(z_ref, k0) if has_zero else None
-        wt = decode(q, s, z, kind, bits).astype(xdt)
+        wt = decode(q, s, z, grid).astype(xdt)
         return acc + jnp.dot(x, wt, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
@@ -87,8 +85,8 @@ def wq_matmul_kw(x2, kw: KernelWeight, *, config: tuning.Config | None = None, i
             raise KernelUnsupported(f"out must be {(M, kw.N)} {x2.dtype}, got {out.shape} {out.dtype}")
         aliases = {len(args): 0}
         args.append(out)
-    kern = functools.partial(_kernel, M=M, N=kw.N, K=kw.K, bits=kw.bits, kind=kw.kind, group=kw.group,
-                             bm=bm, bn=bn, bk=bk, has_zero=has_zero, aliased=out is not None)
+    kern = functools.partial(_kernel, M=M, N=kw.N, K=kw.K, bits=kw.bits, grid=kw.grid, group=kw.group,
+                             bm=bm, bn=bn, bk=bk, has_zero=has_zero)
     return pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((M, kw.N), x2.dtype),

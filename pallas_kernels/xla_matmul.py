@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jquant.qtensor import QTensor
 from pallas_kernels.layout import KernelUnsupported, KernelWeight, kernel_weight, pick_bk
-from pallas_kernels.unpack import block_layout, decode, unpack_planes
+from jquant.formats import decode
+from pallas_kernels.unpack import block_layout, unpack_planes
 
 
 def _params(p, rows: int, group: int, C: int, N: int):
@@ -47,7 +48,7 @@ def xla_matmul_kw(x2, kw: KernelWeight, *, rows: int = 256):
         c, sc, zc, xk = inp
         q = unpack_planes([c[:, j, :] for j in range(w)], kw.bits)  # (rows, N)
         q = q.reshape(gpc, rows // gpc, N)
-        wt = decode(q, sc, zc, kw.kind, kw.bits).reshape(rows, N).astype(x2.dtype)
+        wt = decode(q, sc, zc, kw.grid).reshape(rows, N).astype(x2.dtype)
         return acc + jnp.dot(xk, wt, preferred_element_type=jnp.float32), None
 
     if z is None:

@@ -5,6 +5,10 @@ and Ampere (sm_80) here, which catches type and layout errors in the kernel. On 
 machine with jax-triton it also runs against the reference.
 """
 
+import os
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence Triton 3.9's notice about its default
+
 import jax
 import jax.numpy as jnp
 import numpy as np
