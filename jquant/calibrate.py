@@ -241,14 +241,54 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     return out, logs
 
 
+def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_size: int = 32,
+                          temperature: float = 1.0, first_id: int = 0) -> np.ndarray:
+    """``n`` windows of text the float model writes itself, ``(n, seq_len)`` int32.
+
+    Each window starts from one token drawn uniformly from ``[first_id, vocab)`` (pass the
+    number of special tokens so none starts a window) and continues by sampling at
+    ``temperature``: text from the model's own distribution, not from one domain, in the
+    spirit of LLM-QAT's data-free calibration (arXiv:2305.17888). Deterministic given ``seed``.
+    """
+    from jquant.models import generate
+
+    vocab = model.config.vocab_size
+    if not 0 <= first_id < vocab:
+        raise DataError(f"first_id={first_id} outside the vocabulary of {vocab}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(0, n, batch_size):
+        m = min(batch_size, n - b)
+        prompt = rng.integers(first_id, vocab, size=(m, 1)).astype(np.int32)
+        toks = generate(model, prompt, seq_len - 1, key=jax.random.key(seed * 100003 + b), temperature=temperature)
+        out.append(np.asarray(toks, np.int32))
+    return np.concatenate(out)
+
+
 def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len: int = 512, seed: int = 0,
-                       vocab_size: int | None = None) -> np.ndarray:
-    """``n`` calibration windows from the calibration part of a text source (see :mod:`jquant.data`)."""
+                       vocab_size: int | None = None, model=None) -> np.ndarray:
+    """``n`` calibration windows from a text source (see :mod:`jquant.data`).
+
+    ``text="selfgen"`` has the float ``model`` write them (:func:`self_generated_tokens`);
+    ``"a+b+…"`` mixes sources, ``n`` split evenly (the first ones take the remainder). For
+    ``pydoc`` only the calibration part is used; its tail is held out for evaluation.
+    """
     from jquant import data
 
+    parts = text.split("+")
+    if len(parts) > 1:
+        counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+        return np.concatenate([calibration_tokens(tokenizer, text=p, n=c, seq_len=seq_len, seed=seed,
+                                                  vocab_size=vocab_size, model=model)
+                               for p, c in zip(parts, counts) if c])
+    if text == "selfgen":
+        if model is None:
+            raise DataError("'selfgen' calibration needs the model to generate from")
+        special = [int(i) for i in getattr(tokenizer, "all_special_ids", []) or []]
+        first = max(special) + 1 if special and max(special) < 1000 else 0
+        return self_generated_tokens(model, n=n, seq_len=seq_len, seed=seed, first_id=first)
     src = data.load_text(text)
     if text == "pydoc":
         src = data.split_text(src)[0]  # the tail is held out for evaluation
     toks = data.tokenize(tokenizer, src, vocab_size)
     return data.calibration_windows(toks, n, seq_len, seed)
-

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from jquant._atomic import write_json
+from jquant._atomic import write_json, write_npy
 
 MANIFEST = "jquant.json"
 
@@ -41,6 +41,27 @@ def _load_model(model_path: str | None, dtype: str):
     model, config, tok = models.load(model_path, dtype=jnp.dtype(dtype))
     path = str(models.default_model_path() if model_path is None else model_path)
     return model, config, tok, path, time.perf_counter() - t
+
+
+def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model):
+    """The calibration windows, kept in ``out/work`` so a resumed job skips making them again
+    (self-generated ones take minutes)."""
+    import numpy as np
+
+    from jquant import calibrate
+
+    key = {k: cal[k] for k in ("text", "windows", "seq_len", "seed")}
+    path, meta = os.path.join(out, "work", "tokens.npy"), os.path.join(out, "work", "tokens.json")
+    if os.path.isfile(path) and os.path.isfile(meta):
+        with open(meta) as fh:
+            if json.load(fh) == key:
+                return np.load(path)
+    toks = calibrate.calibration_tokens(tok, text=cal["text"], n=cal["windows"], seq_len=cal["seq_len"],
+                                        seed=cal["seed"], vocab_size=vocab, model=model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_npy(path, toks)
+    write_json(meta, key)
+    return toks
 
 
 def cmd_quantize(args) -> int:
@@ -83,8 +104,7 @@ def cmd_quantize(args) -> int:
         if tok is None:
             print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
             return 2
-        toks = calibrate.calibration_tokens(tok, text=cal["text"], n=cal["windows"], seq_len=cal["seq_len"],
-                                            seed=cal["seed"], vocab_size=config.vocab_size)
+        toks = _calibration_tokens(out, tok, cal, config.vocab_size, model)
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
                                                 batch_size=cal["batch_size"], progress=not args.quiet,
                                                 model_id=model_path)

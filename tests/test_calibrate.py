@@ -118,3 +118,37 @@ def test_bad_calibration_tokens(tiny):
         calibrate.quantize_model(model, np.full((2, 8), 999, np.int32), [(LIN, GPTQ3)], progress=False)
     with pytest.raises(DataError, match="non-empty"):
         calibrate.quantize_model(model, np.zeros((0, 8), np.int32), [(LIN, GPTQ3)], progress=False)
+
+
+def test_self_generated_calibration(tiny):
+    """'selfgen' windows are sampled from the model itself: deterministic, in the vocabulary,
+    and each continues its first token the way the model's generate() does."""
+    from jquant.models import generate
+
+    model, _ = tiny
+
+    class Tok:
+        all_special_ids = [0, 1, 2]
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + (ord(c) % 100) for c in text]}
+
+    a = calibrate.calibration_tokens(Tok(), text="selfgen", n=5, seq_len=12, seed=1, model=model)
+    b = calibrate.calibration_tokens(Tok(), text="selfgen", n=5, seq_len=12, seed=1, model=model)
+    assert a.shape == (5, 12) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, b)
+    assert a[:, 0].min() >= 3 and a.max() < 128  # no window starts on a special token
+    c = calibrate.calibration_tokens(Tok(), text="selfgen", n=5, seq_len=12, seed=2, model=model)
+    assert not np.array_equal(a, c)
+    # Windows come from the model: regenerate one batch with the same key and prompt.
+    same = generate(model, jnp.asarray(a[:, :1]), 11, key=jax.random.key(100003 * 1 + 0), temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(same), a)
+    with pytest.raises(DataError, match="needs the model"):
+        calibrate.calibration_tokens(Tok(), text="selfgen", n=2, seq_len=8)
+    # Mixed sources split the windows.
+    path = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    mixed = calibrate.calibration_tokens(Tok(), text=f"selfgen+{path}", n=5, seq_len=12, seed=1, model=model,
+                                         vocab_size=128)
+    assert mixed.shape == (5, 12)
+    np.testing.assert_array_equal(mixed[:3], calibrate.calibration_tokens(Tok(), text="selfgen", n=3, seq_len=12,
+                                                                          seed=1, model=model))
