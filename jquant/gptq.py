@@ -107,6 +107,21 @@ class GPTQInfo(NamedTuple):
     tries: int  # Cholesky attempts (1 = no escalation)
 
 
+def _lower_inverse(L, leaf: int = 256):
+    """Inverse of a lower-triangular matrix by recursive halving: ``[[A, 0], [C, B]]⁻¹ =
+    [[A⁻¹, 0], [−B⁻¹·C·A⁻¹, B⁻¹]]``. The work (K³/3) is mostly matmuls, where a triangular solve
+    against the identity spends K³ on XLA's CPU solver."""
+    n = L.shape[0]
+    if n <= leaf:
+        return jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=L.dtype), lower=True)
+    h = n // 2
+    Ai = _lower_inverse(L[:h, :h], leaf)
+    Bi = _lower_inverse(L[h:, h:], leaf)
+    hp = lax.Precision.HIGHEST
+    Ci = -jnp.dot(jnp.dot(Bi, L[h:, :h], precision=hp), Ai, precision=hp)
+    return jnp.block([[Ai, jnp.zeros((h, n - h), L.dtype)], [Ci, Bi]])
+
+
 def _inverse_cholesky_upper(H, lam0, max_tries):
     """Upper Cholesky factor of (H + λI)⁻¹, escalating λ ×10 while the factorisation fails."""
     K = H.shape[0]
@@ -117,7 +132,7 @@ def _inverse_cholesky_upper(H, lam0, max_tries):
         # (H+λI)⁻¹ is U = P·L'⁻¹·P: one factorisation and one triangular solve, instead of
         # factorising, inverting and factorising again.
         Lr = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
-        return jax.scipy.linalg.solve_triangular(Lr, eye, lower=True)[::-1, ::-1]
+        return _lower_inverse(Lr)[::-1, ::-1]
 
     def bad(U):
         return ~jnp.all(jnp.isfinite(U))
@@ -136,10 +151,13 @@ def _inverse_cholesky_upper(H, lam0, max_tries):
 
 
 def _params_of(cols, valid, spec: QuantSpec):
-    """Grid parameters ``(1, 1, N)`` of one group given its columns ``(N, S)`` in Wᵀ layout."""
-    xg = jnp.where(valid[None, :], cols, jnp.nan).T[None]  # (1, S, N)
+    """Grid parameters ``(1, 1, N)`` of one group given its rows ``(S, N)`` of W."""
+    xg = jnp.where(valid[:, None], cols, jnp.nan)[None]  # (1, S, N)
     s, z = formats.params_from_range(*find_range(xg, spec), spec.grid)
     return s, z
+
+
+TILE = 128  # rows per product of the lazy trailing update (a multiple of the block when it divides K)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static", "max_tries"))
@@ -147,19 +165,19 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
           max_tries: int):
     K, N = w.shape
     grid = spec.grid
-    W = w.astype(jnp.float32).T  # (N, K)
+    W = w.astype(jnp.float32)  # (K, N): row j holds input j, read contiguously by the column loop
     H = H.astype(jnp.float32)
     diag = jnp.diag(H)
     dead = diag == 0
     H = H.at[jnp.arange(K), jnp.arange(K)].set(jnp.where(dead, 1.0, diag))
-    W = jnp.where(dead[None, :], 0.0, W)
+    W = jnp.where(dead[:, None], 0.0, W)
 
     G = lay.groups
     gs = lay.size if spec.granularity == "group" else K
 
     # Up-front parameters (static groups, channel, tensor) from the original weights.
     if static:
-        xg = lay.to_groups(W.T)  # (G, S, N), or (1, K*N, 1) for tensor granularity
+        xg = lay.to_groups(W)  # (G, S, N), or (1, K*N, 1) for tensor granularity
         s0, z0 = formats.params_from_range(*find_range(xg, spec), grid)
         s0 = jnp.broadcast_to(s0[:, 0, :], (G, N))
         z0 = jnp.broadcast_to(z0[:, 0, :], (G, N)) if z0 is not None else jnp.zeros((G, N))
@@ -170,12 +188,12 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
         perm = jnp.argsort(-jnp.diag(H), stable=True)
     else:
         perm = jnp.arange(K)
-    W = W[:, perm]
+    W = W[perm]
     H = H[perm][:, perm]
 
     Kp = -(-K // block) * block
     if Kp != K:  # padded columns: zero weight, unit Hessian, masked out of every group
-        W = jnp.pad(W, ((0, 0), (0, Kp - K)))
+        W = jnp.pad(W, ((0, Kp - K), (0, 0)))
         H = jnp.pad(H, ((0, Kp - K), (0, Kp - K)))
         H = H.at[jnp.arange(K, Kp), jnp.arange(K, Kp)].set(1.0)
         perm_p = jnp.concatenate([perm, jnp.arange(K, Kp)])
@@ -188,21 +206,22 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
     # group), or the whole block as one run when the parameters are fixed up front.
     gsize = block if static else gs
     groups_per_block = block // gsize
+    tile = next(t for t in (TILE, 2 * block, block) if t % block == 0 and Kp % t == 0)
     S = jnp.zeros((G, N), jnp.float32)
     Z = jnp.zeros((G, N), jnp.float32)
-    Q = jnp.zeros((N, Kp), jnp.uint8)
+    Q = jnp.zeros((Kp, N), jnp.uint8)
 
     def block_body(b, carry):
         W, Q, S, Z, loss = carry
         i1 = b * block
-        W1 = lax.dynamic_slice(W, (0, i1), (N, block))
+        W1 = lax.dynamic_slice(W, (i1, 0), (block, N))
         U1 = lax.dynamic_slice(U, (i1, i1), (block, block))
 
         def group_body(g, c):
             W1, Q1, E1, S, Z, loss = c
             j0 = g * gsize
             if not static:
-                cols = lax.dynamic_slice(W1, (0, j0), (N, gsize))
+                cols = lax.dynamic_slice(W1, (j0, 0), (gsize, N))
                 valid = (i1 + j0 + jnp.arange(gsize)) < K
                 s, z = _params_of(cols, valid, spec)
                 s, z = s[0, 0], (z[0, 0] if z is not None else jnp.zeros((N,)))
@@ -213,7 +232,7 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
             def col_body(i, c2):
                 W1, Q1, E1, loss = c2
                 j = j0 + i
-                wcol = W1[:, j]
+                wcol = W1[j]
                 d = U1[j, j]
                 if static:
                     gi = col_group[jnp.minimum(perm_p[i1 + j], K - 1)]
@@ -226,33 +245,36 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
                 err = (wcol - q) / d
                 real = (i1 + j) < K
                 loss = loss + jnp.where(real, jnp.sum((wcol - q) ** 2) / d**2 / 2, 0.0)
-                W1 = W1 - err[:, None] * U1[j][None, :]
-                Q1 = Q1.at[:, j].set(code)
-                E1 = E1.at[:, j].set(err)
+                W1 = W1 - U1[j][:, None] * err[None, :]
+                Q1 = Q1.at[j].set(code)
+                E1 = E1.at[j].set(err)
                 return W1, Q1, E1, loss
 
             W1, Q1, E1, loss = lax.fori_loop(0, gsize, col_body, (W1, Q1, E1, loss))
             return W1, Q1, E1, S, Z, loss
 
-        Q1 = jnp.zeros((N, block), jnp.uint8)
-        E1 = jnp.zeros((N, block), jnp.float32)
+        Q1 = jnp.zeros((block, N), jnp.uint8)
+        E1 = jnp.zeros((block, N), jnp.float32)
         W1, Q1, E1, S, Z, loss = lax.fori_loop(0, groups_per_block, group_body,
                                                (W1, Q1, E1, S, Z, loss))
-        Q = lax.dynamic_update_slice(Q, Q1, (0, i1))
-        # Lazy batch update of the columns right of the block, one block-wide tile at a time
-        # (a loop with a traced start: no flops spent on the columns already done).
+        Q = lax.dynamic_update_slice(Q, Q1, (i1, 0))
+        # Lazy batch update of the rows below the block, in tiles of `tile` rows from the
+        # tile holding the block's end (a loop with a traced start: few flops spent on rows
+        # already done; those in the first tile get a zero update through the mask).
         def tile_body(t, W):
-            c0 = t * block
-            Ut = lax.dynamic_slice(U, (i1, c0), (block, block))
-            Wt = lax.dynamic_slice(W, (0, c0), (N, block))
-            return lax.dynamic_update_slice(W, Wt - jnp.dot(E1, Ut, precision=lax.Precision.HIGHEST), (0, c0))
+            c0 = t * tile
+            Ut = lax.dynamic_slice(U, (i1, c0), (block, tile))
+            Ut = jnp.where(c0 + jnp.arange(tile)[None, :] >= i1 + block, Ut, 0.0)
+            Wt = lax.dynamic_slice(W, (c0, 0), (tile, N))
+            upd = lax.dot_general(Ut, E1, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)  # Utᵀ E1
+            return lax.dynamic_update_slice(W, Wt - upd, (c0, 0))
 
-        W = lax.fori_loop(b + 1, Kp // block, tile_body, W)
+        W = lax.fori_loop((i1 + block) // tile, Kp // tile, tile_body, W)
         return W, Q, S, Z, loss
 
     W, Q, S, Z, loss = lax.fori_loop(0, Kp // block, block_body, (W, Q, S, Z, jnp.float32(0.0)))
     inv = jnp.argsort(perm)
-    codes = Q[:, :K][:, inv].T  # (K, N), original input order
+    codes = Q[:K][inv]  # (K, N), original input order
     if static:
         S, Z = s0, z0
     g_idx = (inv // gs).astype(jnp.int32) if (act_order and not static and spec.granularity == "group") else None
