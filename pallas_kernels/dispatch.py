@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,6 @@ from jquant.qtensor import QTensor, act_order_to_perm, is_qtensor
 from pallas_kernels.layout import KernelUnsupported, kernel_weight
 
 BACKENDS = ("auto", "pallas", "interpret", "xla", "dequant")
-_backend = os.environ.get("JQUANT_MATMUL", "auto")
 
 
 def _check(name: str) -> str:
@@ -38,35 +38,40 @@ def _check(name: str) -> str:
     return name
 
 
-_check(_backend)
+_default = _check(os.environ.get("JQUANT_MATMUL", "auto"))
+_local = threading.local()  # use_backend() is per thread; set_backend() sets the process default
 
 
 def set_backend(name: str) -> None:
-    """Set the default backend for packed matmuls (see module doc)."""
-    global _backend
-    _backend = _check(name)
+    """Set the process-wide default backend for packed matmuls (see module doc)."""
+    global _default
+    _default = _check(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return getattr(_local, "backend", None) or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Use ``name`` for packed matmuls traced inside the ``with`` block."""
-    global _backend
-    old, _backend = _backend, _check(name)
+    """Use ``name`` for packed matmuls traced inside the ``with`` block (this thread only)."""
+    old = getattr(_local, "backend", None)
+    _local.backend = _check(name)
     try:
         yield
     finally:
-        _backend = old
+        _local.backend = old
 
 
 def resolve(backend: str | None = None) -> str:
-    """The concrete backend ``auto`` (or ``None``: the current default) stands for here."""
-    b = _check(backend or _backend)
+    """The concrete backend ``auto`` (or ``None``: the current one) stands for here."""
+    b = _check(backend or get_backend())
+    on_gpu = jax.default_backend() == "gpu"
     if b == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if on_gpu else "xla"
+    if b == "pallas" and not on_gpu:
+        raise ValueError(f"the 'pallas' matmul backend compiles for a GPU; this is {jax.default_backend()!r} "
+                         "(use 'interpret' to run the kernels here, or 'auto')")
     return b
 
 
@@ -87,11 +92,11 @@ def qmatmul(x, w, backend: str | None = None):
     if not is_qtensor(w):
         return x @ jnp.asarray(w).astype(x.dtype)
     b = resolve(backend)
-    if b in ("pallas", "interpret"):
+    if b != "dequant":
         try:
             kernel_weight(w)
         except KernelUnsupported:
-            b = "xla"
+            b = "dequant"
     if b == "pallas":
         from pallas_kernels.wq_matmul import wq_matmul
 

@@ -93,7 +93,7 @@ def int_matmul(xq, sx, qt: QTensor, *, out_dtype=jnp.bfloat16, config: tuning.Co
     if K != kw.K:
         raise KernelUnsupported(f"activations have K={K}, the weight K={kw.K}")
     cfg = config or tuning.lookup("int", M, kw.N, kw.K, kw.bits)
-    bk = pick_bk(kw.K, kw.K, kw.bits, cfg.bk)
+    bk = pick_bk(kw.K, kw.K, kw.bits, cfg.bk, min_bk=32)  # Triton's int8 dot needs K ≥ 32
     sw = kw.scale.reshape(1, kw.N)
     args = [x2, s2, kw.codes, sw]
     aliases = {}

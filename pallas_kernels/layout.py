@@ -80,6 +80,7 @@ def kernel_weight(qt: QTensor) -> KernelWeight:
         raise KernelUnsupported(f"K={K} is not a multiple of {n}, the {bits}-bit packing block")
     if K % 16:
         raise KernelUnsupported(f"K={K} is not a multiple of 16 (the smallest K tile)")
+    pick_bk(K, group, bits, K)  # some K tile must fit, or no kernel can walk this weight
     codes = qt.codes.reshape(K // n, w, N)
     scale = qt.scale
     zero = qt.zero if kind in ("asym_int", "asym_float") else None
@@ -89,16 +90,18 @@ def kernel_weight(qt: QTensor) -> KernelWeight:
     return KernelWeight(codes, scale, zero, qt.perm, kind, qt.grid, bits, K, N, group)
 
 
-def pick_bk(K: int, group: int, bits: int, target: int) -> int:
+def pick_bk(K: int, group: int, bits: int, target: int, min_bk: int = 16) -> int:
     """The largest power-of-two K tile ``≤ target`` that divides K, holds whole packing blocks
-    and either holds whole groups or sits inside one; at least 16 (a Triton dot's minimum)."""
+    and either holds whole groups or sits inside one; at least ``min_bk`` (16, a Triton dot's
+    minimum K for 16-bit operands; 32 for 8-bit ones)."""
     n, _ = block_layout(bits)
-    bk = 1 << max(4, (max(target, 16)).bit_length() - 1)
-    while bk >= 16:
+    bk = 1 << (max(target, min_bk).bit_length() - 1)
+    while bk >= min_bk:
         if K % bk == 0 and bk % n == 0 and (bk % group == 0 or group % bk == 0):
             return bk
         bk //= 2
-    raise KernelUnsupported(f"no K tile fits K={K}, group {group}, {bits}-bit blocks of {n} codes")
+    raise KernelUnsupported(f"no K tile fits K={K}, group {group}, {bits}-bit blocks of {n} codes "
+                            f"(a power of two ≥ {min_bk} dividing K)")
 
 
 def tile_origin(bm: int, bn: int, M: int, N: int):

@@ -80,8 +80,8 @@ def _check(qt):
 
 def _block_k(group: int, bk: int) -> int:
     bk = min(bk, group)
-    if group % bk:
-        raise KernelUnsupported(f"K tile {bk} must divide the group size {group}")
+    if bk < 16 or bk & (bk - 1) or group % bk:
+        raise KernelUnsupported(f"K tile {bk} must be a power of two ≥ 16 dividing the group size {group}")
     return bk
 
 

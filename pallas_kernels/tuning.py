@@ -139,7 +139,9 @@ def autotune(kernel: str, make_call: Callable[[Config], Callable[[], object]], *
         key = {"max_m": max_m if max_m is not None else M, "N": N, "K": K, "bits": bits}
         entries[:] = [e for e in entries if {k: e.get(k) for k in key} != key]
         entries.append({**key, "config": dataclasses.asdict(best)})
-        entries.sort(key=lambda e: (e["max_m"] is None, e["max_m"] or 0))
+        # By M bucket; inside one, entries for a particular shape before general ones.
+        entries.sort(key=lambda e: (e.get("max_m") is None, e.get("max_m") or 0,
+                                    sum(e.get(k) is None for k in ("N", "K", "bits"))))
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(table, fh, indent=1)

@@ -94,6 +94,21 @@ def test_backend_selection_and_fallback():
     np.testing.assert_allclose(qmatmul(x, nf4, "interpret"), x @ nf4.dequantize(), rtol=1e-5)
     w = jnp.ones((64, 16))
     np.testing.assert_allclose(qmatmul(x, w), x @ w)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="interpret"):
+            qmatmul(x, nf4, "pallas")
+
+
+def test_weights_no_tile_fits_fall_back_to_dequant():
+    """Group 24 over K = 48: no power-of-two K tile walks it, so every backend dequantizes."""
+    from kernel_cases import expected, random_qtensor
+
+    qt, deq = random_qtensor(np.random.default_rng(4), 48, 16, kind="asym_int", bits=4, group=24)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(3, 48)), jnp.float32)
+    for b in ("interpret", "xla", "dequant"):
+        assert explain(qt, b).startswith("dequant"), b
+        np.testing.assert_allclose(np.asarray(qmatmul(x, qt, b), np.float64), expected(x, deq, jnp.float32),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_perm_survives_checkpoint(tmp_path):

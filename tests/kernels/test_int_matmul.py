@@ -48,6 +48,21 @@ def test_int_kernel_exact(case):
                                atol=1e-6 * np.abs(ref).max())
 
 
+def test_int_kernel_perm_layout_and_min_tile():
+    """Rows stored permuted; and K = 48, where the only 16-row tile is below Triton's int8 dot minimum."""
+    rng = np.random.default_rng(9)
+    qt, deq = random_qtensor(rng, 256, 32, kind="sym", bits=8, group=None, scale_dtype="float32", perm=True)
+    x = jnp.asarray(rng.normal(size=(5, 256)), jnp.float32)
+    xq, sx = quantize_per_token(x)
+    y = int_matmul(xq, sx, qt, out_dtype=jnp.float32, config=Config(16, 32, 64, 4, 2), interpret=True)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(int_matmul_reference(xq, sx, qt)), rtol=1e-6)
+    ref = np.asarray(xq, np.float64) * np.asarray(sx, np.float64) @ deq
+    assert np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref) < 1e-5
+    q48, _ = random_qtensor(rng, 48, 32, kind="sym", bits=8, group=None)
+    with pytest.raises(KernelUnsupported, match="≥ 32"):
+        int_matmul(jnp.zeros((2, 48), jnp.int8), jnp.ones((2, 1)), q48, interpret=True)
+
+
 def test_w8a8_close_to_float_matmul():
     """Dynamic W8A8 end to end stays within the quantization error of the float product."""
     rng = np.random.default_rng(7)

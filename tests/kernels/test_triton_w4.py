@@ -35,8 +35,9 @@ def test_rejects_other_layouts():
     qt3, _ = random_qtensor(rng, 256, 64, kind="asym_int", bits=3, group=64)
     with pytest.raises(KernelUnsupported, match="4-bit"):
         triton_w4._check(qt3)
-    with pytest.raises(KernelUnsupported, match="divide the group"):
-        triton_w4._block_k(96, 64)
+    for group, bk in ((96, 64), (96, 128), (8, 64)):
+        with pytest.raises(KernelUnsupported, match="power of two"):
+            triton_w4._block_k(group, bk)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not triton_w4.available(), reason="needs a CUDA GPU and jax-triton")
