@@ -32,6 +32,7 @@ class Config:
     bk: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # programs sharing one output tile's K range (float32 partials, summed after)
 
     def __post_init__(self):
         for name in ("bm", "bn", "bk"):
@@ -40,11 +41,13 @@ class Config:
                 raise ValueError(f"{name}={v} must be a power of two ≥ 16 (Triton tile sizes)")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+        if self.split_k < 1:
+            raise ValueError(f"split_k={self.split_k} must be at least 1")
 
 
 # (max_m, config): the first entry whose max_m ≥ M.
 DEFAULTS: dict[str, list[tuple[int | None, Config]]] = {
-    "wq": [(16, Config(16, 64, 256, 4, 4)), (64, Config(64, 64, 128, 4, 3)),
+    "wq": [(16, Config(16, 64, 256, 4, 4, split_k=4)), (64, Config(64, 64, 128, 4, 3)),
            (256, Config(64, 128, 64, 4, 3)), (None, Config(128, 128, 64, 8, 3))],
     "int": [(16, Config(16, 64, 256, 4, 4)), (64, Config(64, 64, 128, 4, 3)),
             (None, Config(128, 128, 64, 8, 3))],
@@ -90,10 +93,12 @@ def candidates(M: int) -> list[Config]:
     """A modest search space around the regime of M."""
     bms = (16,) if M <= 16 else (32, 64) if M <= 64 else (64, 128)
     out = []
-    for bm, bn, bk, nw, ns in itertools.product(bms, (32, 64, 128, 256), (64, 128, 256), (4, 8), (2, 3, 4)):
+    splits = (1, 2, 4, 8) if M <= 16 else (1,)
+    for bm, bn, bk, nw, ns, sk in itertools.product(bms, (32, 64, 128, 256), (64, 128, 256), (4, 8), (2, 3, 4),
+                                                    splits):
         if bm * bn >= 128 * 256 and nw == 4:
             continue
-        out.append(Config(bm, bn, bk, nw, ns))
+        out.append(Config(bm, bn, bk, nw, ns, sk))
     return out
 
 

@@ -7,7 +7,9 @@ per weight, the only weight traffic), unpacks the codes in registers
 and zeros into the activation dtype and accumulates the dot in float32. The float weight
 never exists in memory. Scales are read one row per group: when ``bk`` lies inside a group
 the tile uses a single ``(1, bn)`` row, otherwise ``bk / group`` rows are broadcast over
-their groups. Ragged M and N edges are masked on load and store.
+their groups. Ragged M and N edges are masked on load and store. For small M, where one
+program per ``(M, N)`` tile leaves most of a GPU idle, ``split_k`` programs share each tile's
+K range and write float32 partial sums that are added afterwards (split-K).
 
 Supported weights (see :mod:`pallas_kernels.layout`): ``int`` 1–8 bits symmetric or
 asymmetric (integer zero or float minimum), BitNet binary and ternary; per-tensor, per-
@@ -34,7 +36,7 @@ from jquant.formats import decode
 from pallas_kernels.unpack import block_layout, unpack_planes
 
 
-def _kernel(*refs, M, N, K, bits, grid, group, bm, bn, bk, has_zero):
+def _kernel(*refs, M, N, K, bits, grid, group, bm, bn, bk, has_zero, split):
     x_ref, w_ref, s_ref = refs[:3]
     z_ref = refs[3] if has_zero else None
     o_ref = refs[-1]
@@ -63,9 +65,17 @@ def _kernel(*refs, M, N, K, bits, grid, group, bm, bn, bk, has_zero):
         wt = decode(q, s, z, grid).astype(xdt)
         return acc + jnp.dot(x, wt, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
-    plt.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
-              mask=rmask[:, None] & cmask[None, :])
+    if split == 1:
+        acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        plt.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
+                  mask=rmask[:, None] & cmask[None, :])
+        return
+    # Split-K: program (i, j, s) covers the s-th of `split` equal runs of K tiles and writes a
+    # float32 partial sum; the partials are added outside the kernel.
+    steps = K // bk // split
+    s_idx = pl.program_id(2)
+    acc = jax.lax.fori_loop(s_idx * steps, (s_idx + 1) * steps, body, jnp.zeros((bm, bn), jnp.float32))
+    plt.store(o_ref.at[s_idx, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=rmask[:, None] & cmask[None, :])
 
 
 def wq_matmul_kw(x2, kw: KernelWeight, *, config: tuning.Config | None = None, interpret: bool = False,
@@ -77,25 +87,32 @@ def wq_matmul_kw(x2, kw: KernelWeight, *, config: tuning.Config | None = None, i
     cfg = config or tuning.lookup("wq", M, kw.N, kw.K, kw.bits)
     bk = pick_bk(kw.K, kw.group, kw.bits, cfg.bk)
     bm, bn = cfg.bm, cfg.bn
+    tiles = kw.K // bk
+    split = max(d for d in range(1, min(cfg.split_k, tiles) + 1) if tiles % d == 0)
     has_zero = kw.zero is not None
     args = [x2, kw.codes, kw.scale] + ([kw.zero] if has_zero else [])
+    out_shape = (M, kw.N) if split == 1 else (split, M, kw.N)
+    out_dtype = x2.dtype if split == 1 else jnp.float32
     aliases = {}
     if out is not None:  # write into a given buffer (tests poison it so unwritten tiles show)
-        if out.shape != (M, kw.N) or out.dtype != x2.dtype:
-            raise KernelUnsupported(f"out must be {(M, kw.N)} {x2.dtype}, got {out.shape} {out.dtype}")
+        if out.shape != out_shape or out.dtype != out_dtype:
+            raise KernelUnsupported(f"out must be {out_shape} {jnp.dtype(out_dtype).name} (split_k={split}), "
+                                    f"got {out.shape} {out.dtype}")
         aliases = {len(args): 0}
         args.append(out)
     kern = functools.partial(_kernel, M=M, N=kw.N, K=kw.K, bits=kw.bits, grid=kw.grid, group=kw.group,
-                             bm=bm, bn=bn, bk=bk, has_zero=has_zero)
-    return pl.pallas_call(
+                             bm=bm, bn=bn, bk=bk, has_zero=has_zero, split=split)
+    grid = (pl.cdiv(M, bm), pl.cdiv(kw.N, bn)) + (() if split == 1 else (split,))
+    y = pl.pallas_call(
         kern,
-        out_shape=jax.ShapeDtypeStruct((M, kw.N), x2.dtype),
-        grid=(pl.cdiv(M, bm), pl.cdiv(kw.N, bn)),
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=grid,
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"wq{kw.bits}_{kw.kind}_matmul",
     )(*args)
+    return y if split == 1 else y.sum(axis=0).astype(x2.dtype)
 
 
 def wq_matmul(x, qt: QTensor, *, config: tuning.Config | None = None, interpret: bool = False, out=None):
@@ -106,7 +123,8 @@ def wq_matmul(x, qt: QTensor, *, config: tuning.Config | None = None, interpret:
       qt: a 2-D QTensor ``(K, N)`` the kernels support (see :func:`pallas_kernels.layout.kernel_weight`).
       config: block sizes; default from the tuning table for this shape and device.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
-      out: optional ``(M, N)`` buffer the kernel writes into (aliased).
+      out: optional buffer the kernel writes into (aliased): ``(M, N)`` in ``x``'s dtype, or
+        with split-K the float32 partials ``(split, M, N)``.
     Raises:
       KernelUnsupported: the weight or shape is outside what the kernel handles.
     """

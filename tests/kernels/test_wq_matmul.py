@@ -35,6 +35,10 @@ CASES = [
     (6, 320, 64, "asym_int", 5, 64, jnp.float32, Config(16, 32, 64, 4, 2)),
     (6, 192, 64, "sym", 6, 32, jnp.float32, Config(16, 32, 64, 4, 2)),
     (6, 256, 64, "asym_int", 7, 128, jnp.float32, Config(16, 32, 256, 4, 2)),
+    # split-K (small M): programs share a tile's K range, partials summed after
+    (1, 576, 96, "asym_int", 4, 64, jnp.bfloat16, Config(16, 32, 64, 4, 2, split_k=3)),  # 9 tiles: 3 runs
+    (4, 1024, 64, "sym", 3, 128, jnp.float16, Config(16, 32, 128, 4, 2, split_k=4)),
+    (2, 512, 40, "asym_float", 2, 32, jnp.float32, Config(16, 16, 32, 4, 2, split_k=8)),
 ]
 
 
@@ -50,7 +54,9 @@ def test_kernel_matches_float64_reference(case):
     qt, deq = random_qtensor(rng, K, N, kind=kind, bits=bits, group=group)
     x = jnp.asarray(rng.normal(size=(M, K)), dtype)
     ref = expected(x, deq, dtype)
-    poison = jnp.full((M, N), jnp.nan, dtype)
+    tiles = K // min(cfg.bk, K)
+    split = max(d for d in range(1, min(cfg.split_k, tiles) + 1) if tiles % d == 0)
+    poison = jnp.full((M, N), jnp.nan, dtype) if split == 1 else jnp.full((split, M, N), jnp.nan, jnp.float32)
     y = wq_matmul(x, qt, config=cfg, interpret=True, out=poison)
     assert y.dtype == dtype and y.shape == (M, N)
     assert_close(y, ref, dtype)
