@@ -242,7 +242,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
 
 
 def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_size: int = 32,
-                          temperature: float = 1.0, first_id: int = 0) -> np.ndarray:
+                          temperature: float = 1.0, first_id: int = 0, progress: bool = False) -> np.ndarray:
     """``n`` windows of text the float model writes itself, ``(n, seq_len)`` int32.
 
     Each window starts from one token drawn uniformly from ``[first_id, vocab)`` (pass the
@@ -257,16 +257,25 @@ def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_s
         raise DataError(f"first_id={first_id} outside the vocabulary of {vocab}")
     rng = np.random.default_rng(seed)
     out = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="generate calibration text", unit="window", disable=None)
     for b in range(0, n, batch_size):
         m = min(batch_size, n - b)
         prompt = rng.integers(first_id, vocab, size=(m, 1)).astype(np.int32)
         toks = generate(model, prompt, seq_len - 1, key=jax.random.key(seed * 100003 + b), temperature=temperature)
         out.append(np.asarray(toks, np.int32))
+        if bar is not None:
+            bar.update(m)
+    if bar is not None:
+        bar.close()
     return np.concatenate(out)
 
 
 def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len: int = 512, seed: int = 0,
-                       vocab_size: int | None = None, model=None) -> np.ndarray:
+                       vocab_size: int | None = None, model=None, progress: bool = False) -> np.ndarray:
     """``n`` calibration windows from a text source (see :mod:`jquant.data`).
 
     ``text="selfgen"`` has the float ``model`` write them (:func:`self_generated_tokens`);
@@ -279,14 +288,14 @@ def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len:
     if len(parts) > 1:
         counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
         return np.concatenate([calibration_tokens(tokenizer, text=p, n=c, seq_len=seq_len, seed=seed,
-                                                  vocab_size=vocab_size, model=model)
+                                                  vocab_size=vocab_size, model=model, progress=progress)
                                for p, c in zip(parts, counts) if c])
     if text == "selfgen":
         if model is None:
             raise DataError("'selfgen' calibration needs the model to generate from")
         special = [int(i) for i in getattr(tokenizer, "all_special_ids", []) or []]
         first = max(special) + 1 if special and max(special) < 1000 else 0
-        return self_generated_tokens(model, n=n, seq_len=seq_len, seed=seed, first_id=first)
+        return self_generated_tokens(model, n=n, seq_len=seq_len, seed=seed, first_id=first, progress=progress)
     src = data.load_text(text)
     if text == "pydoc":
         src = data.split_text(src)[0]  # the tail is held out for evaluation

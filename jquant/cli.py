@@ -43,7 +43,7 @@ def _load_model(model_path: str | None, dtype: str):
     return model, config, tok, path, time.perf_counter() - t
 
 
-def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model):
+def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model, progress: bool):
     """The calibration windows, kept in ``out/work`` so a resumed job skips making them again
     (self-generated ones take minutes)."""
     import numpy as np
@@ -57,7 +57,7 @@ def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model):
             if json.load(fh) == key:
                 return np.load(path)
     toks = calibrate.calibration_tokens(tok, text=cal["text"], n=cal["windows"], seq_len=cal["seq_len"],
-                                        seed=cal["seed"], vocab_size=vocab, model=model)
+                                        seed=cal["seed"], vocab_size=vocab, model=model, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_npy(path, toks)
     write_json(meta, key)
@@ -104,7 +104,7 @@ def cmd_quantize(args) -> int:
         if tok is None:
             print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
             return 2
-        toks = _calibration_tokens(out, tok, cal, config.vocab_size, model)
+        toks = _calibration_tokens(out, tok, cal, config.vocab_size, model, progress=not args.quiet)
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
                                                 batch_size=cal["batch_size"], progress=not args.quiet,
                                                 model_id=model_path)
