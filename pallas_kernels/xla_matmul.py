@@ -31,11 +31,19 @@ def _params(p, rows: int, group: int, C: int, N: int):
     return p.reshape(C, rows // group, 1, N)
 
 
-def xla_matmul_kw(x2, kw: KernelWeight, *, rows: int = 256):
+def chunk_rows(N: int) -> int:
+    """Rows per chunk: about 2M decoded floats (8 MB) per step, between 64 and 256 rows.
+    Measured on the dev CPU: N = 28672 ran 1.6–1.8× faster with 64 rows than with 256, and
+    N = 8192 about the same with 128 or 256 (BENCHMARKS.md)."""
+    r = 1 << max(0, ((1 << 21) // max(N, 1)).bit_length() - 1)
+    return min(256, max(64, r))
+
+
+def xla_matmul_kw(x2, kw: KernelWeight, *, rows: int | None = None):
     """``x2 @ W`` for 2-D activations ``(M, K)`` (already permuted) and a :class:`KernelWeight`."""
     M, K = x2.shape
     n, w = block_layout(kw.bits)
-    rows = pick_bk(kw.K, kw.group, kw.bits, rows)
+    rows = pick_bk(kw.K, kw.group, kw.bits, rows or chunk_rows(kw.N))
     C, N = K // rows, kw.N
     T = rows // n
     codes = kw.codes.reshape(C, T, w, N)
@@ -57,7 +65,7 @@ def xla_matmul_kw(x2, kw: KernelWeight, *, rows: int = 256):
     return acc.astype(x2.dtype)
 
 
-def xla_matmul(x, qt: QTensor, *, rows: int = 256):
+def xla_matmul(x, qt: QTensor, *, rows: int | None = None):
     """``x @ qt`` in XLA without materializing the float weight (see module doc)."""
     try:
         kw = kernel_weight(qt)
