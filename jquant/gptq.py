@@ -157,9 +157,6 @@ def _params_of(cols, valid, spec: QuantSpec):
     return s, z
 
 
-TILE = 128  # rows per product of the lazy trailing update (a multiple of the block when it divides K)
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static", "max_tries"))
 def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool, static: bool,
           max_tries: int):
@@ -206,7 +203,6 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
     # group), or the whole block as one run when the parameters are fixed up front.
     gsize = block if static else gs
     groups_per_block = block // gsize
-    tile = next(t for t in (TILE, 2 * block, block) if t % block == 0 and Kp % t == 0)
     S = jnp.zeros((G, N), jnp.float32)
     Z = jnp.zeros((G, N), jnp.float32)
     Q = jnp.zeros((Kp, N), jnp.uint8)
@@ -258,18 +254,16 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
         W1, Q1, E1, S, Z, loss = lax.fori_loop(0, groups_per_block, group_body,
                                                (W1, Q1, E1, S, Z, loss))
         Q = lax.dynamic_update_slice(Q, Q1, (i1, 0))
-        # Lazy batch update of the rows below the block, in tiles of `tile` rows from the
-        # tile holding the block's end (a loop with a traced start: few flops spent on rows
-        # already done; those in the first tile get a zero update through the mask).
+        # Lazy batch update of the rows below the block, one block-high tile at a time (a
+        # loop with a traced start: no flops spent on the rows already done).
         def tile_body(t, W):
-            c0 = t * tile
-            Ut = lax.dynamic_slice(U, (i1, c0), (block, tile))
-            Ut = jnp.where(c0 + jnp.arange(tile)[None, :] >= i1 + block, Ut, 0.0)
-            Wt = lax.dynamic_slice(W, (c0, 0), (tile, N))
+            c0 = t * block
+            Ut = lax.dynamic_slice(U, (i1, c0), (block, block))
+            Wt = lax.dynamic_slice(W, (c0, 0), (block, N))
             upd = lax.dot_general(Ut, E1, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)  # Utᵀ E1
             return lax.dynamic_update_slice(W, Wt - upd, (c0, 0))
 
-        W = lax.fori_loop((i1 + block) // tile, Kp // tile, tile_body, W)
+        W = lax.fori_loop(b + 1, Kp // block, tile_body, W)
         return W, Q, S, Z, loss
 
     W, Q, S, Z, loss = lax.fori_loop(0, Kp // block, block_body, (W, Q, S, Z, jnp.float32(0.0)))
