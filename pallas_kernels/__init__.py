@@ -14,8 +14,21 @@
 Every kernel runs in Pallas interpret mode on CPU (``interpret=True``) for tests.
 """
 
-from pallas_kernels.dispatch import BACKENDS, explain, get_backend, prepare, qmatmul, set_backend, use_backend
-from pallas_kernels.int_matmul import int_matmul, int_matmul_reference, quantize_per_token, w8a8_matmul
+from pallas_kernels.dispatch import (
+           BACKENDS,
+           explain,
+           get_backend,
+           prepare,
+           qmatmul,
+           set_backend,
+           use_backend,
+)
+from pallas_kernels.int_matmul import (
+           int_matmul,
+           int_matmul_reference,
+           quantize_per_token,
+           w8a8_matmul,
+)
 from pallas_kernels.layout import KernelUnsupported, kernel_weight
 from pallas_kernels.tuning import Config, autotune
 from pallas_kernels.wq_matmul import wq_matmul, wq_matmul_reference

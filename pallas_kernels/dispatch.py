@@ -12,9 +12,9 @@ Pick one with ``$JQUANT_MATMUL``, :func:`set_backend` or the :func:`use_backend`
 manager. The choice is read when a function is traced, so functions already jitted keep the
 backend they were traced with.
 
-A weight a kernel cannot read (a codebook format, a ragged group, ``g_idx`` act-order that was
-not converted by :func:`prepare`) takes the ``xla`` path, which falls back to ``dequant``
-itself for what it cannot unpack; :func:`explain` says which path a weight gets and why.
+A weight no packed path can read (a codebook format, a ragged group, no power-of-two K tile,
+``g_idx`` act-order not converted by :func:`prepare`) takes ``dequant`` on every backend;
+:func:`explain` says which path a weight gets and why.
 """
 
 from __future__ import annotations
@@ -75,41 +75,37 @@ def resolve(backend: str | None = None) -> str:
     return b
 
 
-def explain(qt: QTensor, backend: str | None = None) -> str:
-    """Which path ``x @ qt`` takes with ``backend``, and why."""
+def _route(qt: QTensor, backend: str | None) -> tuple[str, str]:
+    """``(path, reason)``: the one decision both :func:`qmatmul` and :func:`explain` follow."""
     b = resolve(backend)
     if b == "dequant":
-        return "dequant (requested)"
+        return b, "requested"
     try:
         kernel_weight(qt)
     except KernelUnsupported as e:
-        return f"dequant (no packed path: {e})"
-    return b
+        return "dequant", f"no packed path: {e}"
+    return b, ""
+
+
+def explain(qt: QTensor, backend: str | None = None) -> str:
+    """Which path ``x @ qt`` takes with ``backend``, and why."""
+    path, why = _route(qt, backend)
+    return f"{path} ({why})" if why else path
 
 
 def qmatmul(x, w, backend: str | None = None):
     """``x @ w`` for a float array or a QTensor ``w`` ``(K, N)``, in ``x``'s dtype."""
     if not is_qtensor(w):
         return x @ jnp.asarray(w).astype(x.dtype)
-    b = resolve(backend)
-    if b != "dequant":
-        try:
-            kernel_weight(w)
-        except KernelUnsupported:
-            b = "dequant"
-    if b == "pallas":
-        from pallas_kernels.wq_matmul import wq_matmul
+    from pallas_kernels.wq_matmul import wq_matmul, wq_matmul_reference
+    from pallas_kernels.xla_matmul import xla_matmul
 
-        return wq_matmul(x, w)
-    if b == "interpret":
-        from pallas_kernels.wq_matmul import wq_matmul
-
-        return wq_matmul(x, w, interpret=True)
-    if b == "xla":
-        from pallas_kernels.xla_matmul import xla_matmul
-
+    path, _ = _route(w, backend)
+    if path in ("pallas", "interpret"):
+        return wq_matmul(x, w, interpret=path == "interpret")
+    if path == "xla":
         return xla_matmul(x, w)
-    return jnp.dot(x, w.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return wq_matmul_reference(x, w)
 
 
 def prepare(tree):

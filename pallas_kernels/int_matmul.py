@@ -26,7 +26,13 @@ from jax.experimental.pallas import triton as plt
 
 from jquant.qtensor import QTensor
 from pallas_kernels import tuning
-from pallas_kernels.layout import KernelUnsupported, kernel_weight, pick_bk, tile_origin
+from pallas_kernels.layout import (
+    KernelUnsupported,
+    activation_rows,
+    kernel_weight,
+    pick_bk,
+    tile_origin,
+)
 from pallas_kernels.unpack import block_layout, signed_codes, unpack_planes
 
 
@@ -84,14 +90,9 @@ def int_matmul(xq, sx, qt: QTensor, *, out_dtype=jnp.bfloat16, config: tuning.Co
     kw = _check_weight(qt)
     if xq.dtype != jnp.int8:
         raise KernelUnsupported(f"quantized activations must be int8, got {xq.dtype}")
-    lead = xq.shape[:-1]
-    x2 = xq.reshape(-1, xq.shape[-1])
+    x2 = activation_rows(xq, kw)
     s2 = sx.reshape(-1, 1).astype(jnp.float32)
-    if kw.perm is not None:
-        x2 = jnp.take(x2, kw.perm, axis=1)
-    M, K = x2.shape
-    if K != kw.K:
-        raise KernelUnsupported(f"activations have K={K}, the weight K={kw.K}")
+    M = x2.shape[0]
     cfg = config or tuning.lookup("int", M, kw.N, kw.K, kw.bits)
     bk = pick_bk(kw.K, kw.K, kw.bits, cfg.bk, min_bk=32)  # Triton's int8 dot needs K ≥ 32
     sw = kw.scale.reshape(1, kw.N)
@@ -112,7 +113,7 @@ def int_matmul(xq, sx, qt: QTensor, *, out_dtype=jnp.bfloat16, config: tuning.Co
         interpret=interpret,
         name=f"w{kw.bits}a8_matmul",
     )(*args)
-    return y.reshape(lead + (kw.N,))
+    return y.reshape(xq.shape[:-1] + (kw.N,))
 
 
 def w8a8_matmul(x, qt: QTensor, *, act_bits: int = 8, **kw):

@@ -104,6 +104,15 @@ def pick_bk(K: int, group: int, bits: int, target: int, min_bk: int = 16) -> int
                             f"(a power of two ≥ {min_bk} dividing K)")
 
 
+def activation_rows(x, kw: KernelWeight):
+    """Activations ``(..., K)`` as the 2-D ``(M, K)`` rows a kernel multiplies, permuted into the
+    weight's stored row order when it has one; reshape the result to ``x.shape[:-1] + (N,)``."""
+    if x.shape[-1] != kw.K:
+        raise KernelUnsupported(f"activations have K={x.shape[-1]}, the weight K={kw.K}")
+    x2 = x.reshape(-1, kw.K)
+    return x2 if kw.perm is None else jnp.take(x2, kw.perm, axis=1)
+
+
 def tile_origin(bm: int, bn: int, M: int, N: int):
     """Inside a kernel on a ``(M/bm, N/bn)`` grid: the tile's first row and column and the masks
     of its rows and columns that lie inside the ``(M, N)`` output (the Triton lowering adds no

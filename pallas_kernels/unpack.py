@@ -19,6 +19,7 @@ import math
 
 import jax.numpy as jnp
 
+
 def block_layout(bits: int) -> tuple[int, int]:
     """``(codes per block n, uint32 words per block w)``."""
     g = math.gcd(bits, 32)

@@ -29,10 +29,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jquant.formats import decode
 from jquant.qtensor import QTensor
 from pallas_kernels import tuning
-from pallas_kernels.layout import KernelUnsupported, KernelWeight, kernel_weight, pick_bk, tile_origin
-from jquant.formats import decode
+from pallas_kernels.layout import (
+    KernelUnsupported,
+    KernelWeight,
+    activation_rows,
+    kernel_weight,
+    pick_bk,
+    tile_origin,
+)
 from pallas_kernels.unpack import block_layout, unpack_planes
 
 
@@ -80,10 +87,9 @@ def _kernel(*refs, M, N, K, bits, grid, group, bm, bn, bk, has_zero, split):
 
 def wq_matmul_kw(x2, kw: KernelWeight, *, config: tuning.Config | None = None, interpret: bool = False,
                  out=None):
-    """``x2 @ W`` for a :class:`KernelWeight` and 2-D activations ``(M, K)`` (already permuted)."""
-    M, K = x2.shape
-    if K != kw.K:
-        raise KernelUnsupported(f"activations have K={K}, the weight K={kw.K}")
+    """``x2 @ W`` for a :class:`KernelWeight` and 2-D activations ``(M, K)`` (already permuted,
+    :func:`pallas_kernels.layout.activation_rows`)."""
+    M = x2.shape[0]
     cfg = config or tuning.lookup("wq", M, kw.N, kw.K, kw.bits)
     bk = pick_bk(kw.K, kw.group, kw.bits, cfg.bk)
     bm, bn = cfg.bm, cfg.bn
@@ -129,12 +135,8 @@ def wq_matmul(x, qt: QTensor, *, config: tuning.Config | None = None, interpret:
       KernelUnsupported: the weight or shape is outside what the kernel handles.
     """
     kw = kernel_weight(qt)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if kw.perm is not None:
-        x2 = jnp.take(x2, kw.perm, axis=1)
-    y = wq_matmul_kw(x2, kw, config=config, interpret=interpret, out=out)
-    return y.reshape(lead + (kw.N,))
+    y = wq_matmul_kw(activation_rows(x, kw), kw, config=config, interpret=interpret, out=out)
+    return y.reshape(x.shape[:-1] + (kw.N,))
 
 
 def wq_matmul_reference(x, qt: QTensor):

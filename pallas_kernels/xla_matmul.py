@@ -16,10 +16,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jquant.qtensor import QTensor
-from pallas_kernels.layout import KernelUnsupported, KernelWeight, kernel_weight, pick_bk
 from jquant.formats import decode
+from jquant.qtensor import QTensor
+from pallas_kernels.layout import (
+    KernelUnsupported,
+    KernelWeight,
+    activation_rows,
+    kernel_weight,
+    pick_bk,
+)
 from pallas_kernels.unpack import block_layout, unpack_planes
+from pallas_kernels.wq_matmul import wq_matmul_reference
 
 
 def _params(p, rows: int, group: int, C: int, N: int):
@@ -40,7 +47,8 @@ def chunk_rows(N: int) -> int:
 
 
 def xla_matmul_kw(x2, kw: KernelWeight, *, rows: int | None = None):
-    """``x2 @ W`` for 2-D activations ``(M, K)`` (already permuted) and a :class:`KernelWeight`."""
+    """``x2 @ W`` for 2-D activations ``(M, K)`` (already permuted,
+    :func:`pallas_kernels.layout.activation_rows`) and a :class:`KernelWeight`."""
     M, K = x2.shape
     n, w = block_layout(kw.bits)
     rows = pick_bk(kw.K, kw.group, kw.bits, rows or chunk_rows(kw.N))
@@ -70,9 +78,5 @@ def xla_matmul(x, qt: QTensor, *, rows: int | None = None):
     try:
         kw = kernel_weight(qt)
     except KernelUnsupported:
-        return jnp.dot(x, qt.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if kw.perm is not None:
-        x2 = jnp.take(x2, kw.perm, axis=1)
-    return xla_matmul_kw(x2, kw, rows=rows).reshape(lead + (kw.N,))
+        return wq_matmul_reference(x, qt)
+    return xla_matmul_kw(activation_rows(x, kw), kw, rows=rows).reshape(x.shape[:-1] + (kw.N,))
