@@ -107,18 +107,43 @@ class GPTQInfo(NamedTuple):
     tries: int  # Cholesky attempts (1 = no escalation)
 
 
-def _lower_inverse(L, leaf: int = 256):
+_HP = lax.Precision.HIGHEST
+
+
+def _tril_matmul_left(T, X, leaf: int):
+    """``T @ X`` for lower-triangular ``T``, skipping its zero upper half (half the flops of a
+    dense product): ``[[T₁₁, 0], [T₂₁, T₂₂]]·[X₁; X₂] = [T₁₁X₁; T₂₁X₁ + T₂₂X₂]``, recursively."""
+    n = T.shape[0]
+    if n <= leaf:
+        return jnp.dot(T, X, precision=_HP)
+    h = n // 2
+    top = _tril_matmul_left(T[:h, :h], X[:h], leaf)
+    bottom = jnp.dot(T[h:, :h], X[:h], precision=_HP) + _tril_matmul_left(T[h:, h:], X[h:], leaf)
+    return jnp.concatenate([top, bottom], 0)
+
+
+def _tril_matmul_right(X, T, leaf: int):
+    """``X @ T`` for lower-triangular ``T``: ``[X₁, X₂]·T = [X₁T₁₁ + X₂T₂₁, X₂T₂₂]``, recursively."""
+    n = T.shape[0]
+    if n <= leaf:
+        return jnp.dot(X, T, precision=_HP)
+    h = n // 2
+    left = _tril_matmul_right(X[:, :h], T[:h, :h], leaf) + jnp.dot(X[:, h:], T[h:, :h], precision=_HP)
+    return jnp.concatenate([left, _tril_matmul_right(X[:, h:], T[h:, h:], leaf)], 1)
+
+
+def _lower_inverse(L, leaf: int = 256, mm_leaf: int = 512):
     """Inverse of a lower-triangular matrix by recursive halving: ``[[A, 0], [C, B]]⁻¹ =
-    [[A⁻¹, 0], [−B⁻¹·C·A⁻¹, B⁻¹]]``. The work (K³/3) is mostly matmuls, where a triangular solve
-    against the identity spends K³ on XLA's CPU solver."""
+    [[A⁻¹, 0], [−B⁻¹·C·A⁻¹, B⁻¹]]``, both products triangular-aware. The K³/3 flops are then
+    matmuls. Measured on the dev CPU: 0.26 s at K = 4096, where XLA's triangular solve against
+    the identity takes 0.50 s; 3.5 s at K = 11008, against 5.5 s with dense products."""
     n = L.shape[0]
     if n <= leaf:
         return jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=L.dtype), lower=True)
     h = n // 2
-    Ai = _lower_inverse(L[:h, :h], leaf)
-    Bi = _lower_inverse(L[h:, h:], leaf)
-    hp = lax.Precision.HIGHEST
-    Ci = -jnp.dot(jnp.dot(Bi, L[h:, :h], precision=hp), Ai, precision=hp)
+    Ai = _lower_inverse(L[:h, :h], leaf, mm_leaf)
+    Bi = _lower_inverse(L[h:, h:], leaf, mm_leaf)
+    Ci = -_tril_matmul_left(Bi, _tril_matmul_right(L[h:, :h], Ai, mm_leaf), mm_leaf)
     return jnp.block([[Ai, jnp.zeros((h, n - h), L.dtype)], [Ci, Bi]])
 
 

@@ -376,3 +376,24 @@ def test_jit_and_no_jit_agree():
     np.testing.assert_array_equal(np.asarray(a.g_idx), np.asarray(b.g_idx))
     assert equal_fraction(deq64(a), deq64(b)) >= MIN_EQUAL
     assert ia.loss == pytest.approx(ib.loss, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. The triangular inverse behind U (recursion exercised with small leaves, odd sizes)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [203, 256, 517])
+def test_lower_inverse_matches_numpy(n):
+    from jquant.gptq import _inverse_cholesky_upper, _lower_inverse
+
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(2 * n, n))
+    H = X.T @ X / len(X) + 0.1 * np.eye(n)
+    L = np.linalg.cholesky(H)
+    for leaf, mm_leaf in ((16, 16), (16, 48), (64, 32)):
+        got = np.asarray(_lower_inverse(jnp.asarray(L, jnp.float32), leaf, mm_leaf), np.float64)
+        np.testing.assert_allclose(got, np.linalg.inv(L), atol=2e-5 * np.abs(np.linalg.inv(L)).max())
+        assert np.all(np.triu(got, 1) == 0)
+    # The whole factor: U upper with UᵀU = (H + λI)⁻¹.
+    U = np.asarray(_inverse_cholesky_upper(jnp.asarray(H, jnp.float32), jnp.float32(0.0), 1)[0], np.float64)
+    ref = np.linalg.cholesky(np.linalg.inv(H)).T
+    np.testing.assert_allclose(U, ref, atol=1e-4 * np.abs(ref).max())
