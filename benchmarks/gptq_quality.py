@@ -58,8 +58,6 @@ VARIANTS = {
     "rtn_w2_mse": ("W2 g32", "RTN, MSE clipping", _rtn(2, 32, "mse")),
     "w2_mse": ("W2 g32", "GPTQ, MSE clipping", _gptq(2, 32, "mse")),
     "w2_ao_mse": ("W2 g32", "GPTQ + act-order, MSE clipping", _gptq(2, 32, "mse", act_order=True)),
-    "w2_ao_static_mse": ("W2 g32", "GPTQ + act-order, static groups, MSE clipping",
-                         _gptq(2, 32, "mse", act_order=True, static_groups=True)),
 }
 
 
