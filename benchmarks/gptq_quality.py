@@ -45,18 +45,12 @@ VARIANTS = {
     "w4": ("W4 g64", "GPTQ", _gptq(4, 64)),
     "w4_ao": ("W4 g64", "GPTQ + act-order", _gptq(4, 64, act_order=True)),
     "w4_ao_static": ("W4 g64", "GPTQ + act-order, static groups", _gptq(4, 64, act_order=True, static_groups=True)),
-    "w4_ao_static_mse": ("W4 g64", "GPTQ + act-order, static groups, MSE clipping",
-                         _gptq(4, 64, "mse", act_order=True, static_groups=True)),
-    "rtn_w3": ("W3 g64", "RTN", _rtn(3, 64)),
     "rtn_w3_mse": ("W3 g64", "RTN, MSE clipping", _rtn(3, 64, "mse")),
     "w3": ("W3 g64", "GPTQ", _gptq(3, 64)),
     "w3_ao": ("W3 g64", "GPTQ + act-order", _gptq(3, 64, act_order=True)),
     "w3_ao_mse": ("W3 g64", "GPTQ + act-order, MSE clipping", _gptq(3, 64, "mse", act_order=True)),
-    "w3_ao_static_mse": ("W3 g64", "GPTQ + act-order, static groups, MSE clipping",
-                         _gptq(3, 64, "mse", act_order=True, static_groups=True)),
     "rtn_w2": ("W2 g32", "RTN", _rtn(2, 32)),
     "rtn_w2_mse": ("W2 g32", "RTN, MSE clipping", _rtn(2, 32, "mse")),
-    "w2_mse": ("W2 g32", "GPTQ, MSE clipping", _gptq(2, 32, "mse")),
     "w2_ao_mse": ("W2 g32", "GPTQ + act-order, MSE clipping", _gptq(2, 32, "mse", act_order=True)),
 }
 
@@ -129,7 +123,7 @@ def main() -> int:
         rows.append({"row": name, "setting": setting, "method": label, "ppl": r["quant_ppl"], "kl": r["kl"],
                      "top1": r["top1"], "float_ppl": r["float_ppl"], "eval_tokens": r["tokens"],
                      "bits_per_weight_linears": m["bits_per_weight_quantized"],
-                     "quantize_s": m["seconds"]["quantize"], "spec": spec})
+                     "spec": spec})
     print(f"\nfortunes, {rows[0]['eval_tokens'] if rows else 0} predicted tokens; float ppl "
           f"{rows[0]['float_ppl']:.3f}" if rows else "")
     print(f"{'setting':<8} {'method':<46} {'ppl':>8} {'KL':>7} {'top-1':>6} {'bits/w':>7} {'gap rec.':>8}")
