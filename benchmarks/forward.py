@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 import jquant as jq
-from _timing import median_time
+from jquant._timing import median_time
 from jquant import data, evaluate
 from jquant.models import default_model_path, forward, load_gguf
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jquant as jq
-from _timing import median_time
+from jquant._timing import median_time
 from jquant import gptq
 
 

@@ -30,15 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jquant as jq
-from _timing import median_time
+from jquant._timing import device_time
 from pallas_kernels import wq_matmul, xla_matmul
 
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]  # (N, K)
 
 
 def _time(f, *args, reps):
-    jax.block_until_ready(f(*args))
-    return median_time(lambda: jax.block_until_ready(f(*args)), reps)
+    return device_time(lambda: f(*args), reps)
 
 
 def ceilings(gpu: bool, reps: int) -> dict:

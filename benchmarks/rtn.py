@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jquant as jq
-from _timing import median_time
+from jquant._timing import median_time
 
 
 def numpy_rtn(w: np.ndarray, bits: int, group: int, symmetric: bool):

@@ -40,6 +40,8 @@ from jquant.qtensor import GroupLayout, QTensor
 from jquant.rtn import check_weight, find_range, layout_for, pack_qtensor
 from jquant.spec import QuantSpec
 
+_HP = lax.Precision.HIGHEST  # float32 products throughout the solve
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTQOptions:
@@ -94,7 +96,7 @@ def hessian_update(h: Hessian, x) -> Hessian:
     n = h.n + m
     xs = x * jnp.sqrt(2.0 / n)
     H = h.H * (h.n / n) + lax.dot_general(xs, xs, (((0,), (0,)), ((), ())),
-                                          precision=lax.Precision.HIGHEST)
+                                          precision=_HP)
     return Hessian(H, n)
 
 
@@ -105,9 +107,6 @@ class GPTQInfo(NamedTuple):
     loss: float  # Σ (w − q)²/U_jj² / 2 over the layer: GPTQ's own error estimate
     damp: float  # the damping λ used, relative to mean(diag H)
     tries: int  # Cholesky attempts (1 = no escalation)
-
-
-_HP = lax.Precision.HIGHEST
 
 
 def _tril_matmul_left(T, X, leaf: int):
@@ -285,7 +284,7 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
             c0 = t * block
             Ut = lax.dynamic_slice(U, (i1, c0), (block, block))
             Wt = lax.dynamic_slice(W, (c0, 0), (block, N))
-            upd = lax.dot_general(Ut, E1, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)  # Utᵀ E1
+            upd = lax.dot_general(Ut, E1, (((0,), (0,)), ((), ())), precision=_HP)  # Utᵀ E1
             return lax.dynamic_update_slice(W, Wt - upd, (c0, 0))
 
         W = lax.fori_loop(b + 1, Kp // block, tile_body, W)
@@ -347,5 +346,5 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
 def reconstruction_error(w, qt: QTensor, H) -> float:
     """``tr((W−Q)ᵀ H (W−Q)) / 2`` = ‖X(W−Q)‖²/n: the layer's output error on the calibration inputs."""
     d = (jnp.asarray(w, jnp.float32) - qt.dequantize(jnp.float32))
-    return float(jnp.sum(d * jnp.dot(H.astype(jnp.float32), d, precision=lax.Precision.HIGHEST)) / 2)
+    return float(jnp.sum(d * jnp.dot(H.astype(jnp.float32), d, precision=_HP)) / 2)
 

@@ -114,5 +114,4 @@ def prepare(tree):
     Run once after quantizing or loading; the dequantized values do not change, and the
     kernels then read scales group by group with the activations permuted.
     """
-    return jax.tree_util.tree_map(lambda x: act_order_to_perm(x) if is_qtensor(x) and x.g_idx is not None else x,
-                                  tree, is_leaf=is_qtensor)
+    return jax.tree_util.tree_map(lambda x: act_order_to_perm(x) if is_qtensor(x) else x, tree, is_leaf=is_qtensor)

@@ -125,7 +125,7 @@ def w8a8_matmul(x, qt: QTensor, *, act_bits: int = 8, **kw):
 
 def int_matmul_reference(xq, sx, qt: QTensor, out_dtype=jnp.float32):
     """Pure jnp: int32 dot of the activation codes and the signed weight codes, then both scales."""
-    wq = qt.unpacked_codes().astype(jnp.int32) - (1 << (qt.bits - 1))
+    wq = signed_codes(qt.unpacked_codes(), qt.bits)
     if qt.perm is not None:
         wq = jnp.take(wq, jnp.argsort(qt.perm), axis=0)
     acc = jnp.dot(xq.astype(jnp.int32), wq, preferred_element_type=jnp.int32)

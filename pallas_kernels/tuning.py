@@ -17,10 +17,12 @@ import dataclasses
 import itertools
 import json
 import os
-import time
 from collections.abc import Callable, Iterable
 
 import jax
+
+from jquant._atomic import write_json
+from jquant._timing import device_time
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuning.json")
 
@@ -102,17 +104,6 @@ def candidates(M: int) -> list[Config]:
     return out
 
 
-def _time(fn: Callable[[], object], reps: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def autotune(kernel: str, make_call: Callable[[Config], Callable[[], object]], *, M: int, N: int, K: int,
              bits: int, configs: Iterable[Config] | None = None, reps: int = 10, path: str | None = None,
              max_m: int | None = None, write: bool = True) -> tuple[Config, list[tuple[Config, float]]]:
@@ -131,7 +122,7 @@ def autotune(kernel: str, make_call: Callable[[Config], Callable[[], object]], *
     results = []
     for cfg in (configs if configs is not None else candidates(M)):
         try:
-            results.append((cfg, _time(make_call(cfg), reps)))
+            results.append((cfg, device_time(make_call(cfg), reps)))
         except Exception:  # a config that does not compile (shared memory, registers) is skipped
             continue
     if not results:
@@ -147,8 +138,5 @@ def autotune(kernel: str, make_call: Callable[[Config], Callable[[], object]], *
         # By M bucket; inside one, entries for a particular shape before general ones.
         entries.sort(key=lambda e: (e.get("max_m") is None, e.get("max_m") or 0,
                                     sum(e.get(k) is None for k in ("N", "K", "bits"))))
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(table, fh, indent=1)
-        os.replace(tmp, path)
+        write_json(path, table)
     return best, results
