@@ -6,8 +6,9 @@ For each layer shape (in, out) — Llama-7B's 4096x4096, 11008x4096 (down_proj) 
   - torch: the reference algorithm (GPTQ's fasterquant: Cholesky inverse, lazy block
     updates, group parameters at group start), float32 on the CPU, same block size;
   - floor: the solve's flops at the matmul rate measured in the same run
-    (f32 jnp.dot of 4096x4096 matrices): N·K² for the error feedback and ⅔K³ for the
-    Cholesky factorisation and the triangular inverse (the least the algorithm needs).
+    (f32 jnp.dot of 4096x4096 matrices): N·K² for the error feedback and ⅓K³ for the
+    Cholesky factorisation (the least GPTQ needs: jquant feeds the errors through the
+    factor of H itself, so no inverse). The reference algorithm also inverts, ⅔K³ more.
 
 Usage: python benchmarks/gptq.py [--shapes 4096x4096,11008x4096,4096x11008] [--reps 3] [--json out.json]
 """
@@ -106,7 +107,7 @@ def main():
         jax.block_until_ready(qt.codes)
         first = time.perf_counter() - t0
         t_jq = median_time(lambda: jax.block_until_ready(gptq.gptq_quantize(w, H, spec)[0].codes), args.reps)
-        flops = N * K**2 + 2 * K**3 // 3
+        flops = N * K**2 + K**3 // 3
         row = {"shape_in_out": f"{K}x{N}", "jquant_s": t_jq, "jquant_compile_s": max(first - t_jq, 0.0),
                "flops": flops, "floor_s": flops / rate, "x_floor": t_jq / (flops / rate), "matmul_GFLOPs": rate / 1e9}
         if not args.skip_torch:

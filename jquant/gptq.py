@@ -6,12 +6,16 @@ and the Hessian ``H = 2·XᵀX/n`` of its inputs ``X`` (``n`` rows of ``in`` fea
 
 1. dead inputs (``H_jj = 0``) get ``H_jj = 1`` and ``W_j = 0``;
 2. optionally **act-order**: process inputs by descending ``H_jj``;
-3. damping ``λ = damp·mean(diag H)``; if the Cholesky factorisation fails (NaN), ``λ`` is
+3. damping ``λ = damp·mean(diag H)``; if the Cholesky factorisation fails, ``λ`` is
    multiplied by 10 and it is tried again (``max_damp_tries`` times in all);
-4. ``U`` = upper Cholesky factor of ``(H + λI)⁻¹``;
+4. GPTQ's ``U`` is the upper Cholesky factor of ``(H + λI)⁻¹``; the solve never forms it. It
+   factorises ``H + λI = A·Aᵀ`` (``A`` upper, one Cholesky of the reversed matrix) and uses
+   ``U = A⁻¹``: with ``E_j = (w̃_j − q_j)/U_jj`` GPTQ's error feedback
+   ``w̃_j = w_j − Σ_{i<j} U_ij·E_i`` is ``w̃_j = w_j + Σ_{i<j} (A_ij/A_jj)·(w_i − q_i)``
+   (from ``W − Q = UᵀE``), with ``w`` the original weights. No inverse (⅔K³ flops saved);
 5. in blocks of ``block_size`` columns (lazy batch updates), for each column ``j``:
-   ``q = Q(w_j)``, ``e = (w_j − q)/U_jj``, ``W_{:, k>j} −= e·U_{j, k}``; after the block the
-   columns to its right get the block's accumulated update in one matmul.
+   ``q = Q(w̃_j)``, ``w̃_{k>j} += (A_jk/A_kk)·(w_j − q_j)``; after the block the columns to
+   its right get the block's accumulated update in one matmul.
 
 Group scales/zeros are computed when a group starts, from the already-updated weights;
 with **static groups** they are computed up front from the original weights of the
@@ -41,6 +45,7 @@ from jquant.rtn import check_weight, find_range, layout_for, pack_qtensor
 from jquant.spec import QuantSpec
 
 _HP = lax.Precision.HIGHEST  # float32 products throughout the solve
+_SEGMENT = 32  # columns per rank-1 segment of the in-block loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,69 +114,36 @@ class GPTQInfo(NamedTuple):
     tries: int  # Cholesky attempts (1 = no escalation)
 
 
-def _tril_matmul_left(T, X, leaf: int):
-    """``T @ X`` for lower-triangular ``T``, skipping its zero upper half (half the flops of a
-    dense product): ``[[T₁₁, 0], [T₂₁, T₂₂]]·[X₁; X₂] = [T₁₁X₁; T₂₁X₁ + T₂₂X₂]``, recursively."""
-    n = T.shape[0]
-    if n <= leaf:
-        return jnp.dot(T, X, precision=_HP)
-    h = n // 2
-    top = _tril_matmul_left(T[:h, :h], X[:h], leaf)
-    bottom = jnp.dot(T[h:, :h], X[:h], precision=_HP) + _tril_matmul_left(T[h:, h:], X[h:], leaf)
-    return jnp.concatenate([top, bottom], 0)
+def _order(H, act_order: bool):
+    """Processing order of the inputs and the dead mask. With act-order the order is by
+    descending ``diag H``, dead inputs counted with ``H_jj = 1`` as in the reference GPTQ."""
+    diag = jnp.diag(H)
+    dead = diag == 0
+    perm = jnp.argsort(-jnp.where(dead, 1.0, diag), stable=True) if act_order else jnp.arange(H.shape[0])
+    return perm, dead
 
 
-def _tril_matmul_right(X, T, leaf: int):
-    """``X @ T`` for lower-triangular ``T``: ``[X₁, X₂]·T = [X₁T₁₁ + X₂T₂₁, X₂T₂₂]``, recursively."""
-    n = T.shape[0]
-    if n <= leaf:
-        return jnp.dot(X, T, precision=_HP)
-    h = n // 2
-    left = _tril_matmul_right(X[:, :h], T[:h, :h], leaf) + jnp.dot(X[:, h:], T[h:, :h], precision=_HP)
-    return jnp.concatenate([left, _tril_matmul_right(X[:, h:], T[h:, h:], leaf)], 1)
+def _factor(H, perm, dead, damp, Kp: int):
+    """Lower Cholesky factor ``L`` of ``P·(H̃ + λI)·P``: ``H̃`` is ``H`` in processing order, dead
+    inputs given ``H_jj = 1``, padded to ``Kp`` with unit diagonal; ``P`` reverses the order.
 
-
-def _lower_inverse(L, leaf: int = 256, mm_leaf: int = 512):
-    """Inverse of a lower-triangular matrix by recursive halving: ``[[A, 0], [C, B]]⁻¹ =
-    [[A⁻¹, 0], [−B⁻¹·C·A⁻¹, B⁻¹]]``, both products triangular-aware. The K³/3 flops are then
-    matmuls. Measured on the dev CPU: 0.26 s at K = 4096, where XLA's triangular solve against
-    the identity takes 0.50 s; 3.5 s at K = 11008, against 5.5 s with dense products."""
-    n = L.shape[0]
-    if n <= leaf:
-        return jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=L.dtype), lower=True)
-    h = n // 2
-    Ai = _lower_inverse(L[:h, :h], leaf, mm_leaf)
-    Bi = _lower_inverse(L[h:, h:], leaf, mm_leaf)
-    Ci = -_tril_matmul_left(Bi, _tril_matmul_right(L[h:, :h], Ai, mm_leaf), mm_leaf)
-    return jnp.block([[Ai, jnp.zeros((h, n - h), L.dtype)], [Ci, Bi]])
-
-
-def _inverse_cholesky_upper(H, lam0, max_tries):
-    """Upper Cholesky factor of (H + λI)⁻¹, escalating λ ×10 while the factorisation fails."""
+    Then ``A = P·L·P`` is upper triangular with ``A·Aᵀ = H̃ + λI``, and ``A⁻¹`` is the upper
+    Cholesky factor of ``(H̃ + λI)⁻¹`` that GPTQ feeds errors through. The reordering, the
+    dead inputs, the padding, the damping and the reversal are one gather over ``H``.
+    Returns ``(L, λ, failed)``; a failed factorisation comes back as NaN.
+    """
     K = H.shape[0]
-    eye = jnp.eye(K, dtype=H.dtype)
-
-    def attempt(lam):
-        # With P the reversal permutation and P(H+λI)P = L'L'ᵀ, the upper Cholesky factor of
-        # (H+λI)⁻¹ is U = P·L'⁻¹·P: one factorisation and one triangular solve, instead of
-        # factorising, inverting and factorising again.
-        Lr = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
-        return _lower_inverse(Lr)[::-1, ::-1]
-
-    def bad(U):
-        return ~jnp.all(jnp.isfinite(U))
-
-    def cond(c):
-        tries, _, U = c
-        return (tries < max_tries) & bad(U)
-
-    def body(c):
-        tries, lam, _ = c
-        lam = lam * 10.0
-        return tries + 1, lam, attempt(lam)
-
-    tries, lam, U = lax.while_loop(cond, body, (jnp.int32(1), lam0, attempt(lam0)))
-    return U, lam, tries, bad(U)
+    diag = jnp.where(dead, 1.0, jnp.diag(H))
+    lam = damp * jnp.mean(diag)
+    idx = jnp.concatenate([perm, jnp.arange(K, Kp)])[::-1]  # reversed processing order
+    i, j = idx[:, None], idx[None, :]
+    real = (i < K) & (j < K)
+    Hr = jnp.where(real, H[jnp.minimum(i, K - 1), jnp.minimum(j, K - 1)], 0.0)
+    d = jnp.where(idx < K, diag[jnp.minimum(idx, K - 1)], 1.0) + lam
+    Hr = jnp.where(i == j, d[:, None], Hr)
+    # Hr is symmetric: factorising Hrᵀ lets XLA hand LAPACK its column-major copy for free.
+    L = lax.linalg.cholesky(Hr.T, symmetrize_input=False)
+    return L, lam, ~jnp.all(jnp.isfinite(jnp.diag(L)))  # LAPACK's failure is all NaN
 
 
 def _params_of(cols, valid, spec: QuantSpec):
@@ -181,17 +153,16 @@ def _params_of(cols, valid, spec: QuantSpec):
     return s, z
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static", "max_tries"))
-def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool, static: bool,
-          max_tries: int):
+@functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static"))
+def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool, static: bool):
+    """Factorise, then (unless that failed) run the column loop. Returns ``(qt, loss, λ, failed)``."""
     K, N = w.shape
+    Kp = -(-K // block) * block
     grid = spec.grid
-    W = w.astype(jnp.float32)  # (K, N): row j holds input j, read contiguously by the column loop
     H = H.astype(jnp.float32)
-    diag = jnp.diag(H)
-    dead = diag == 0
-    H = H.at[jnp.arange(K), jnp.arange(K)].set(jnp.where(dead, 1.0, diag))
-    W = jnp.where(dead[:, None], 0.0, W)
+    perm, dead = _order(H, act_order)
+    L, lam, failed = _factor(H, perm, dead, damp, Kp)
+    W = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))  # (K, N): row j holds input j
 
     G = lay.groups
     gs = lay.size if spec.granularity == "group" else K
@@ -206,99 +177,138 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
         col_group = jnp.arange(K) // gs if spec.granularity == "group" else jnp.zeros(K, jnp.int32)
 
     if act_order:
-        perm = jnp.argsort(-jnp.diag(H), stable=True)
-    else:
-        perm = jnp.arange(K)
-    W = W[perm]
-    H = H[perm][:, perm]
-
-    Kp = -(-K // block) * block
-    if Kp != K:  # padded columns: zero weight, unit Hessian, masked out of every group
+        W = W[perm]
+    if Kp != K:  # padded inputs: zero weight, unit Hessian, masked out of every group
         W = jnp.pad(W, ((0, Kp - K), (0, 0)))
-        H = jnp.pad(H, ((0, Kp - K), (0, Kp - K)))
-        H = H.at[jnp.arange(K, Kp), jnp.arange(K, Kp)].set(1.0)
-        perm_p = jnp.concatenate([perm, jnp.arange(K, Kp)])
-    else:
-        perm_p = perm
-    lam0 = damp * jnp.mean(jnp.diag(H)[:K])
-    U, lam, tries, failed = _inverse_cholesky_upper(H, lam0, max_tries)
+    perm_p = jnp.concatenate([perm, jnp.arange(K, Kp)])
+
+    # Error feedback in terms of A = P·L·P (H̃ + λI = A·Aᵀ, A upper), with no inverse: column
+    # j is quantized from W̃_j = W_j + Σ_{i<j} Â_ij·(W_i − Q_i), Â_ij = A_ij/A_jj, W the
+    # original weights. This is GPTQ's W̃_j = W_j − Σ_{i<j} U_ij·E_i (U = A⁻¹ the upper
+    # Cholesky factor of (H̃ + λI)⁻¹, E_i = (W̃_i − Q_i)/U_ii) rewritten with W − Q = UᵀE,
+    # i.e. E = Aᵀ(W − Q). Tiles of A are read from L reversed.
+    dA = jnp.diag(L)[::-1]
+
+    def a_tile(r0, c0, size):
+        """``A[r0:r0+size, c0:c0+size]``, from ``A_ik = L_{Kp−1−i, Kp−1−k}``."""
+        return lax.rev(lax.dynamic_slice(L, (Kp - r0 - size, Kp - c0 - size), (size, size)), (0, 1))
+
+    def ah_tile(r0, c0, size):
+        """``Â[r0:r0+size, c0:c0+size]`` (strictly upper: the diagonal is not an update)."""
+        t = a_tile(r0, c0, size) / lax.dynamic_slice(dA, (c0,), (size,))[None, :]
+        return jnp.where(r0 + jnp.arange(size)[:, None] < c0 + jnp.arange(size)[None, :], t, 0.0)
+
+    if not static:
+        # A group's parameters come from its weights updated by every earlier column, as in
+        # GPTQ. For the group's later columns that partial sum differs in the two forms: with
+        # D the finished inputs and G the group, GPTQ's is W_G − U_DGᵀE_D = W_G + A_GG⁻ᵀA_DGᵀR_D,
+        # and the loop holds W_G + diag(A_GG)⁻¹A_DGᵀR_D; C_G = A_GG⁻ᵀ·diag(A_GG) maps one onto
+        # the other (the group's first column has all its terms in both).
+        def group_map(g):
+            Ag = a_tile(g * gs, g * gs, gs)
+            return jax.scipy.linalg.solve_triangular(Ag.T, jnp.diag(jnp.diag(Ag)), lower=True)
+
+        Cg = jax.vmap(group_map)(jnp.arange(Kp // gs))  # (groups in processing order, gs, gs)
 
     # Inner loops: whole groups per block (gptq_quantize makes the block a multiple of the
     # group), or the whole block as one run when the parameters are fixed up front.
     gsize = block if static else gs
     groups_per_block = block // gsize
+    # Each run of columns goes in segments of `seg`: rank-1 updates within a segment, one
+    # product for the rest of the block after it (less memory traffic than rank-1 updates
+    # of the whole block tile).
+    seg = _SEGMENT if gsize % _SEGMENT == 0 else gsize
     S = jnp.zeros((G, N), jnp.float32)
     Z = jnp.zeros((G, N), jnp.float32)
     Q = jnp.zeros((Kp, N), jnp.uint8)
 
     def block_body(b, carry):
-        W, Q, S, Z, loss = carry
+        Acc, Q, S, Z, loss = carry  # Acc: Σ over finished blocks of Âᵀ(W − Q), per row
         i1 = b * block
-        W1 = lax.dynamic_slice(W, (i1, 0), (block, N))
-        U1 = lax.dynamic_slice(U, (i1, i1), (block, block))
+        W0 = lax.dynamic_slice(W, (i1, 0), (block, N))
+        W1 = W0 + lax.dynamic_slice(Acc, (i1, 0), (block, N))
+        A1 = ah_tile(i1, i1, block)
+        d1 = lax.dynamic_slice(dA, (i1,), (block,))
 
         def group_body(g, c):
-            W1, Q1, E1, S, Z, loss = c
+            W1, Q1, R1, S, Z, loss = c
             j0 = g * gsize
             if not static:
-                cols = lax.dynamic_slice(W1, (j0, 0), (gsize, N))
+                gidx = (i1 + j0) // gs
+                base = lax.dynamic_slice(W0, (j0, 0), (gsize, N))
+                part = lax.dynamic_slice(W1, (j0, 0), (gsize, N)) - base
+                cols = base + jnp.dot(Cg[gidx], part, precision=_HP)
                 valid = (i1 + j0 + jnp.arange(gsize)) < K
                 s, z = _params_of(cols, valid, spec)
                 s, z = s[0, 0], (z[0, 0] if z is not None else jnp.zeros((N,)))
-                gidx = (i1 + j0) // gs
                 S = S.at[gidx].set(s)
                 Z = Z.at[gidx].set(z)
 
-            def col_body(i, c2):
-                W1, Q1, E1, loss = c2
-                j = j0 + i
-                wcol = W1[j]
-                d = U1[j, j]
-                if static:
-                    gi = col_group[jnp.minimum(perm_p[i1 + j], K - 1)]
-                    sc, zc = s0[gi], z0[gi]
-                else:
-                    sc, zc = s, z
-                zz = None if spec.symmetric else zc
-                code = formats.encode(wcol, sc, zz, grid)
-                q = formats.decode(code, sc, zz, grid)
-                err = (wcol - q) / d
-                real = (i1 + j) < K
-                loss = loss + jnp.where(real, jnp.sum((wcol - q) ** 2) / d**2 / 2, 0.0)
-                W1 = W1 - U1[j][:, None] * err[None, :]
-                Q1 = Q1.at[j].set(code)
-                E1 = E1.at[j].set(err)
-                return W1, Q1, E1, loss
+            def seg_body(k, c1):
+                W1, Q1, R1, loss = c1
+                j1 = j0 + k * seg
+                Ws = lax.dynamic_slice(W1, (j1, 0), (seg, N))
+                As = lax.dynamic_slice(A1, (j1, j1), (seg, seg))
 
-            W1, Q1, E1, loss = lax.fori_loop(0, gsize, col_body, (W1, Q1, E1, loss))
-            return W1, Q1, E1, S, Z, loss
+                def col_body(i, c2):
+                    # wcol (row i of Ws) comes in the carry, read after the previous update,
+                    # so nothing reads Ws while it is updated in place (else XLA copies it).
+                    Ws, wcol, Q1, R1, loss = c2
+                    j = j1 + i
+                    if static:
+                        gi = col_group[jnp.minimum(perm_p[i1 + j], K - 1)]
+                        sc, zc = s0[gi], z0[gi]
+                    else:
+                        sc, zc = s, z
+                    zz = None if spec.symmetric else zc
+                    code = formats.encode(wcol, sc, zz, grid)
+                    q = formats.decode(code, sc, zz, grid)
+                    r = W0[j] - q
+                    real = (i1 + j) < K
+                    loss = loss + jnp.where(real, jnp.sum((wcol - q) ** 2) * d1[j] ** 2 / 2, 0.0)
+                    Ws = Ws + As[i][:, None] * r[None, :]
+                    Q1 = Q1.at[j].set(code)
+                    R1 = R1.at[j].set(r)
+                    return Ws, Ws[jnp.minimum(i + 1, seg - 1)], Q1, R1, loss
+
+                _, _, Q1, R1, loss = lax.fori_loop(0, seg, col_body, (Ws, Ws[0], Q1, R1, loss))
+                # The segment's update of the block's later rows, as one product (its own rows,
+                # done, get a stale update that nothing reads).
+                Rs = lax.dynamic_slice(R1, (j1, 0), (seg, N))
+                Ab = lax.dynamic_slice(A1, (j1, 0), (seg, block))
+                W1 = W1 + lax.dot_general(Ab, Rs, (((0,), (0,)), ((), ())), precision=_HP)
+                return W1, Q1, R1, loss
+
+            W1, Q1, R1, loss = lax.fori_loop(0, gsize // seg, seg_body, (W1, Q1, R1, loss))
+            return W1, Q1, R1, S, Z, loss
 
         Q1 = jnp.zeros((block, N), jnp.uint8)
-        E1 = jnp.zeros((block, N), jnp.float32)
-        W1, Q1, E1, S, Z, loss = lax.fori_loop(0, groups_per_block, group_body,
-                                               (W1, Q1, E1, S, Z, loss))
+        R1 = jnp.zeros((block, N), jnp.float32)
+        W1, Q1, R1, S, Z, loss = lax.fori_loop(0, groups_per_block, group_body,
+                                               (W1, Q1, R1, S, Z, loss))
         Q = lax.dynamic_update_slice(Q, Q1, (i1, 0))
+
         # Lazy batch update of the rows below the block, one block-high tile at a time (a
         # loop with a traced start: no flops spent on the rows already done).
-        def tile_body(t, W):
+        def tile_body(t, Acc):
             c0 = t * block
-            Ut = lax.dynamic_slice(U, (i1, c0), (block, block))
-            Wt = lax.dynamic_slice(W, (c0, 0), (block, N))
-            upd = lax.dot_general(Ut, E1, (((0,), (0,)), ((), ())), precision=_HP)  # Utᵀ E1
-            return lax.dynamic_update_slice(W, Wt - upd, (c0, 0))
+            upd = lax.dot_general(ah_tile(i1, c0, block), R1, (((0,), (0,)), ((), ())), precision=_HP)
+            return lax.dynamic_update_slice(Acc, lax.dynamic_slice(Acc, (c0, 0), (block, N)) + upd, (c0, 0))
 
-        W = lax.fori_loop(b + 1, Kp // block, tile_body, W)
-        return W, Q, S, Z, loss
+        Acc = lax.fori_loop(b + 1, Kp // block, tile_body, Acc)
+        return Acc, Q, S, Z, loss
 
-    W, Q, S, Z, loss = lax.fori_loop(0, Kp // block, block_body, (W, Q, S, Z, jnp.float32(0.0)))
-    inv = jnp.argsort(perm)
-    codes = Q[:K][inv]  # (K, N), original input order
+    # No loop when the factorisation failed: gptq_quantize retries with more damping.
+    _, Q, S, Z, loss = lax.fori_loop(0, jnp.where(failed, 0, Kp // block), block_body,
+                                     (jnp.zeros_like(W), Q, S, Z, jnp.float32(0.0)))
+    inv = jnp.argsort(perm) if act_order else None
+    codes = Q[:K][inv] if act_order else Q[:K]  # (K, N), original input order
     if static:
         S, Z = s0, z0
     g_idx = (inv // gs).astype(jnp.int32) if (act_order and not static and spec.granularity == "group") else None
     zero = Z[:, None, :] if not spec.symmetric else None
     qt = pack_qtensor(codes, S[:, None, :], zero, lay, spec, w.dtype, g_idx=g_idx, method="gptq")
-    return qt, loss, lam / jnp.mean(jnp.diag(H)[:K]), tries, failed
+    return qt, loss, lam, failed
 
 
 def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QTensor, GPTQInfo]:
@@ -332,12 +342,17 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
         block = gs * max(1, block // gs) if gs <= block else gs
     # No longer than needed; with dynamic groups still a whole number of groups.
     block = min(block, -(-K // gs) * gs) if not static else min(block, K)
-    qt, loss, lam, tries, failed = _gptq(w, H, jnp.float32(opts.damp), spec=spec, lay=lay, block=block,
-                                         act_order=opts.act_order, static=static, max_tries=opts.max_damp_tries)
-    if bool(failed):
-        raise NonFiniteError(at(path, f"Hessian is not positive definite even with damping {float(lam):.3g}·mean(diag H) "
-                                      f"after {int(tries)} tries"))
-    info = GPTQInfo(float(loss), float(lam), int(tries))
+    # Damping λ = damp·mean(diag H), ×10 on each failed factorisation.
+    for tries in range(1, opts.max_damp_tries + 1):
+        damp = opts.damp * 10.0 ** (tries - 1)
+        qt, loss, lam, failed = _gptq(w, H, jnp.float32(damp), spec=spec, lay=lay, block=block,
+                                      act_order=opts.act_order, static=static)
+        if not bool(failed):
+            break
+    else:
+        raise NonFiniteError(at(path, f"Hessian is not positive definite even with damping {damp:.3g}·mean(diag H) "
+                                      f"after {tries} tries"))
+    info = GPTQInfo(float(loss), damp, tries)
     if info.tries > 1:
         warnings.warn(at(path, f"Cholesky failed at damp={opts.damp}; escalated to {info.damp:.3g}"), stacklevel=2)
     return qt, info

@@ -379,21 +379,40 @@ def test_jit_and_no_jit_agree():
 
 
 # ---------------------------------------------------------------------------------------
-# 8. The triangular inverse behind U (recursion exercised with small leaves, odd sizes)
+# 8. The factor the solve runs on: A = P·L·P upper with A·Aᵀ = H̃ + λI, and A⁻¹ = GPTQ's U
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [203, 256, 517])
-def test_lower_inverse_matches_numpy(n):
-    from jquant.gptq import _inverse_cholesky_upper, _lower_inverse
+@pytest.mark.parametrize("n,Kp,act_order", [(37, 37, False), (37, 48, True), (203, 256, True)])
+def test_factor_matches_numpy(n, Kp, act_order):
+    from jquant.gptq import _factor, _order
 
     rng = np.random.default_rng(n)
-    X = rng.normal(size=(2 * n, n))
-    H = X.T @ X / len(X) + 0.1 * np.eye(n)
-    L = np.linalg.cholesky(H)
-    for leaf, mm_leaf in ((16, 16), (16, 48), (64, 32)):
-        got = np.asarray(_lower_inverse(jnp.asarray(L, jnp.float32), leaf, mm_leaf), np.float64)
-        np.testing.assert_allclose(got, np.linalg.inv(L), atol=2e-5 * np.abs(np.linalg.inv(L)).max())
-        assert np.all(np.triu(got, 1) == 0)
-    # The whole factor: U upper with UᵀU = (H + λI)⁻¹.
-    U = np.asarray(_inverse_cholesky_upper(jnp.asarray(H, jnp.float32), jnp.float32(0.0), 1)[0], np.float64)
-    ref = np.linalg.cholesky(np.linalg.inv(H)).T
-    np.testing.assert_allclose(U, ref, atol=1e-4 * np.abs(ref).max())
+    X = rng.normal(size=(2 * n, n)) * np.exp(rng.normal(size=n))
+    X[:, [3, 11]] = 0.0  # two dead inputs
+    H = (X.T @ X / len(X)).astype(np.float32)
+    damp = 0.05
+    perm, dead = _order(jnp.asarray(H), act_order)
+    L, lam, failed = _factor(jnp.asarray(H), perm, dead, jnp.float32(damp), Kp)
+    perm, dead = np.asarray(perm), np.asarray(dead)
+    np.testing.assert_array_equal(np.flatnonzero(dead), [3, 11])
+    if act_order:
+        assert np.all(np.diff(np.where(dead, 1.0, np.diag(H))[perm]) <= 0)
+    # H̃: processing order, dead inputs given H_jj = 1, padded with a unit diagonal, damped.
+    Ht = np.eye(Kp)
+    Ht[:n, :n] = H.astype(np.float64)[np.ix_(perm, perm)]
+    Ht[np.flatnonzero(dead[perm]), np.flatnonzero(dead[perm])] = 1.0
+    lam_ref = damp * np.mean(np.diag(Ht)[:n])
+    Ht += lam_ref * np.eye(Kp)
+    assert not bool(failed) and float(lam) == pytest.approx(lam_ref, rel=1e-6)
+    A = np.asarray(L, np.float64)[::-1, ::-1]
+    assert np.all(np.tril(A, -1) == 0) and np.all(np.diag(A) > 0)
+    np.testing.assert_allclose(A @ A.T, Ht, atol=1e-5 * np.abs(Ht).max())
+    U = np.linalg.cholesky(np.linalg.inv(Ht)).T  # GPTQ's factor
+    np.testing.assert_allclose(np.linalg.inv(A), U, atol=1e-4 * np.abs(U).max())
+
+
+def test_factor_failure_is_flagged():
+    from jquant.gptq import _factor, _order
+
+    H = -jnp.eye(8)
+    perm, dead = _order(H, False)
+    assert bool(_factor(H, perm, dead, jnp.float32(0.01), 8)[2])
