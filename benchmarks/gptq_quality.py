@@ -6,7 +6,8 @@ text the float model wrote itself (``selfgen.txt``, made here once: 64 sequences
 sampled tokens from random first tokens, decoded), which belongs to no evaluation domain;
 evaluation is on ``fortunes`` (another domain, disjoint from the calibration text by
 construction). Results go to ``benchmarks/results/gptq_quality.json``. A finished row (its
-``eval_fortunes.json`` exists under ``--out``) is not run again, so the script resumes.
+``eval_fortunes.json`` exists under ``--out``) is not run again, so the script resumes; the
+table and the JSON hold every finished row under ``--out``, whatever ``--only`` ran.
 
     python benchmarks/gptq_quality.py [--out DIR] [--only w4_ao_static,rtn_w4] [--windows 32]
 
@@ -51,6 +52,8 @@ VARIANTS = {
     "w3_ao_mse": ("W3 g64", "GPTQ + act-order, MSE clipping", _gptq(3, 64, "mse", act_order=True)),
     "rtn_w2": ("W2 g32", "RTN", _rtn(2, 32)),
     "rtn_w2_mse": ("W2 g32", "RTN, MSE clipping", _rtn(2, 32, "mse")),
+    "w2": ("W2 g32", "GPTQ", _gptq(2, 32)),
+    "w2_ao": ("W2 g32", "GPTQ + act-order", _gptq(2, 32, act_order=True)),
     "w2_ao_mse": ("W2 g32", "GPTQ + act-order, MSE clipping", _gptq(2, 32, "mse", act_order=True)),
 }
 
@@ -102,7 +105,6 @@ def main() -> int:
         print(f"writing the calibration text {text}", flush=True)
         write_selfgen_text(text)
     jq = [sys.executable, "-m", "jquant.cli"]
-    rows = []
     for name in names:
         setting, label, spec = VARIANTS[name]
         d = os.path.abspath(os.path.join(args.out, name))
@@ -116,6 +118,13 @@ def main() -> int:
             subprocess.run(jq + ["quantize", "--recipe", recipe, "--out", d, "--overwrite", "--quiet"], check=True)
             print(f"{name}: eval", flush=True)
             subprocess.run(jq + ["eval", d, "--max-windows", str(args.eval_windows), "--quiet"], check=True)
+    # The table: every row finished under --out, whether run now or before (--only picks what runs).
+    rows = []
+    for name, (setting, label, spec) in VARIANTS.items():
+        d = os.path.abspath(os.path.join(args.out, name))
+        res = os.path.join(d, "eval_fortunes.json")
+        if not os.path.isfile(res):
+            continue
         with open(res) as fh:
             r = json.load(fh)
         with open(os.path.join(d, "jquant.json")) as fh:
