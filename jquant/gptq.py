@@ -155,13 +155,13 @@ def _params_of(cols, valid, spec: QuantSpec):
 
 @functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static"))
 def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool, static: bool):
-    """Factorise, then (unless that failed) run the column loop. Returns ``(qt, loss, λ, failed)``."""
+    """Factorise, then (unless that failed) run the column loop. Returns ``(qt, loss, failed)``."""
     K, N = w.shape
     Kp = -(-K // block) * block
     grid = spec.grid
     H = H.astype(jnp.float32)
     perm, dead = _order(H, act_order)
-    L, lam, failed = _factor(H, perm, dead, damp, Kp)
+    L, _, failed = _factor(H, perm, dead, damp, Kp)
     W = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))  # (K, N): row j holds input j
 
     G = lay.groups
@@ -308,7 +308,7 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
     g_idx = (inv // gs).astype(jnp.int32) if (act_order and not static and spec.granularity == "group") else None
     zero = Z[:, None, :] if not spec.symmetric else None
     qt = pack_qtensor(codes, S[:, None, :], zero, lay, spec, w.dtype, g_idx=g_idx, method="gptq")
-    return qt, loss, lam, failed
+    return qt, loss, failed
 
 
 def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QTensor, GPTQInfo]:
@@ -345,8 +345,8 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
     # Damping λ = damp·mean(diag H), ×10 on each failed factorisation.
     for tries in range(1, opts.max_damp_tries + 1):
         damp = opts.damp * 10.0 ** (tries - 1)
-        qt, loss, lam, failed = _gptq(w, H, jnp.float32(damp), spec=spec, lay=lay, block=block,
-                                      act_order=opts.act_order, static=static)
+        qt, loss, failed = _gptq(w, H, jnp.float32(damp), spec=spec, lay=lay, block=block,
+                                 act_order=opts.act_order, static=static)
         if not bool(failed):
             break
     else:

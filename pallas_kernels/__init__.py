@@ -15,19 +15,19 @@ Every kernel runs in Pallas interpret mode on CPU (``interpret=True``) for tests
 """
 
 from pallas_kernels.dispatch import (
-           BACKENDS,
-           explain,
-           get_backend,
-           prepare,
-           qmatmul,
-           set_backend,
-           use_backend,
+    BACKENDS,
+    explain,
+    get_backend,
+    prepare,
+    qmatmul,
+    set_backend,
+    use_backend,
 )
 from pallas_kernels.int_matmul import (
-           int_matmul,
-           int_matmul_reference,
-           quantize_per_token,
-           w8a8_matmul,
+    int_matmul,
+    int_matmul_reference,
+    quantize_per_token,
+    w8a8_matmul,
 )
 from pallas_kernels.layout import KernelUnsupported, kernel_weight
 from pallas_kernels.tuning import Config, autotune
@@ -35,5 +35,5 @@ from pallas_kernels.wq_matmul import wq_matmul, wq_matmul_reference
 from pallas_kernels.xla_matmul import xla_matmul
 
 __all__ = ["BACKENDS", "Config", "KernelUnsupported", "autotune", "explain", "get_backend", "int_matmul",
-           "int_matmul_reference", "kernel_weight", "prepare", "qmatmul", "quantize_per_token", "set_backend",
-           "use_backend", "w8a8_matmul", "wq_matmul", "wq_matmul_reference", "xla_matmul"]
+    "int_matmul_reference", "kernel_weight", "prepare", "qmatmul", "quantize_per_token", "set_backend",
+    "use_backend", "w8a8_matmul", "wq_matmul", "wq_matmul_reference", "xla_matmul"]

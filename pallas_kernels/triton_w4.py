@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import KernelUnsupported, kernel_weight
+from pallas_kernels.layout import KernelUnsupported, activation_rows, kernel_weight
 
 try:
     import triton
@@ -86,24 +86,24 @@ def _block_k(group: int, bk: int) -> int:
 
 
 def w4_matmul(x, qt, *, bm: int = 16, bn: int = 64, bk: int = 128, num_warps: int = 4, num_stages: int = 3):
-    """``x @ qt`` for 2-D activations ``(M, K)`` in bf16/f16 and a W4 QTensor, on a CUDA GPU."""
+    """``x @ qt`` for activations ``(..., K)`` in bf16/f16 and a W4 QTensor, on a CUDA GPU."""
     if not available():
         raise RuntimeError("the Triton W4 kernel needs the gpu extra: pip install 'jquant[gpu]' (jax-triton, triton)")
     import jax_triton as jt
 
     kw = _check(qt)
-    M, K = x.shape
-    if K != kw.K:
-        raise KernelUnsupported(f"activations have K={K}, the weight K={kw.K}")
+    x2 = activation_rows(x, kw)
+    M = x2.shape[0]
     bk = _block_k(kw.group, bk)
     codes = kw.codes.reshape(kw.K // 8, kw.N)
     zero = kw.zero if kw.zero is not None else jnp.zeros((1, kw.N), jnp.uint8)
-    return jt.triton_call(
-        x, codes, kw.scale, zero, kernel=_w4_kernel,
+    y = jt.triton_call(
+        x2, codes, kw.scale, zero, kernel=_w4_kernel,
         out_shape=jax.ShapeDtypeStruct((M, kw.N), x.dtype),
         grid=(triton.cdiv(M, bm), triton.cdiv(kw.N, bn)),
         num_warps=num_warps, num_stages=num_stages,
         M=M, N=kw.N, K=kw.K, GROUP=kw.group, HAS_ZERO=kw.zero is not None, BM=bm, BN=bn, BK=bk)
+    return y.reshape(x.shape[:-1] + (kw.N,))
 
 
 def compile_for(arch: int = 90, *, dtype: str = "bf16", scale_dtype: str = "fp16", group: int = 128,
