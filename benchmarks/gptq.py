@@ -10,7 +10,11 @@ For each layer shape (in, out) — Llama-7B's 4096x4096, 11008x4096 (down_proj) 
     Cholesky factorisation (the least GPTQ needs: jquant feeds the errors through the
     factor of H itself, so no inverse). The reference algorithm also inverts, ⅔K³ more.
 
+With ``--profile DIR`` one more jquant solve per shape runs under ``jax.profiler`` (trace in
+DIR) and the operations that took the most time are printed, summed over their calls.
+
 Usage: python benchmarks/gptq.py [--shapes 4096x4096,11008x4096,4096x11008] [--reps 3] [--json out.json]
+                                 [--profile DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +41,29 @@ def matmul_rate(n=4096, reps=5) -> float:
     jax.block_until_ready(f(a))
     t = min(median_time(lambda: jax.block_until_ready(f(a)), 1) for _ in range(reps))
     return 2 * n**3 / t
+
+
+def profile_ops(fn, trace_dir: str, top: int = 12) -> list[tuple[str, int, float]]:
+    """Run ``fn`` once under the JAX profiler; ``(op, calls, seconds)`` of the XLA operations that
+    took the most time in all, from the Perfetto trace."""
+    import collections
+    import glob
+    import gzip
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        fn()
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as fh:
+        events = json.load(fh)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # Thread-pool bookkeeping and Python frames ("$file:line") are not operations.
+        if e.get("ph") == "X" and "dur" in e and not name.startswith(("$", "ThunkExecutor", "np.", "Pjit", "Common")):
+            total[name] += e["dur"]
+            calls[name] += 1
+    return [(name, calls[name], us / 1e6) for name, us in total.most_common(top)]
 
 
 def torch_gptq(W, H, bits=4, group=128, block=128, damp=0.01):
@@ -92,6 +119,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "gptq.json"))
+    ap.add_argument("--profile", default="", help="also profile one jquant solve per shape, trace in this folder")
     args = ap.parse_args()
     rate = matmul_rate()
     spec = jq.QuantSpec(bits=4, group_size=128, symmetric=False, method="gptq", options={"block_size": 128})
@@ -111,6 +139,11 @@ def main():
         flops = N * K**2 + K**3 // 3
         row = {"shape_in_out": f"{K}x{N}", "jquant_s": t_jq, "jquant_compile_s": max(first - t_jq, 0.0),
                "flops": flops, "floor_s": flops / rate, "x_floor": t_jq / (flops / rate), "matmul_GFLOPs": rate / 1e9}
+        if args.profile:
+            ops = profile_ops(lambda: jax.block_until_ready(gptq.gptq_quantize(w, H, spec)[0].codes),
+                              os.path.join(args.profile, f"{K}x{N}"))
+            row["profile_top_ops"] = [{"op": n, "calls": c, "s": t} for n, c, t in ops]
+            print(f"profile {K}x{N}: " + ", ".join(f"{n} ×{c} {t:.3f} s" for n, c, t in ops), flush=True)
         if not args.skip_torch:
             import torch
 
