@@ -31,7 +31,7 @@ import numpy as np
 
 import jquant as jq
 from jquant._timing import median_time
-from jquant import gptq
+from jquant.quantizers import gptq
 
 
 def matmul_rate(n=4096, reps=5) -> float:

@@ -8,7 +8,8 @@ from jquant.checkpoint import restore, save
 from jquant.formats import Grid
 from jquant.packing import pack, unpack
 from jquant.qtensor import QTensor, dequantize, dequantize_tree, is_qtensor
-from jquant.rtn import fake_quant, quantize
+from jquant.quantizers import quantize
+from jquant.quantizers.rtn import fake_quant
 from jquant.spec import QuantSpec, path_str
 from jquant.tree import quantize_tree, summary
 

@@ -5,9 +5,11 @@ Calibration tokens go through the embedding; then, for each decoder block in tur
 1. the block's linears are solved **true-sequentially** in the order
    ``q/k/v → o → gate/up → down``: for each group the block runs on the current hidden
    states with the linears already quantized in place, the inputs of the group are
-   captured and folded into one Hessian ``H = 2·XᵀX/n`` (linears that share an input share
-   it), and each linear is quantized by the method its rule names (``gptq``; ``rtn``
-   needs no data and is applied as is);
+   captured and folded into the statistics the group's methods declare (GPTQ's Hessian
+   ``H = 2·XᵀX/n``, per-channel activation magnitudes, ...; see
+   :mod:`jquant.quantizers.stats`), collected once for linears that share the input, and
+   each linear is quantized by the method its rule names, through the method registry
+   (data-free methods such as ``rtn`` and ``hqq`` need no statistics);
 2. the block's *quantized* outputs become the next block's inputs.
 
 Only one block's weights, Hessians and activations are live at a time (the hidden
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant import checkpoint, gptq, rtn
+from jquant import checkpoint
 from jquant._atomic import write_json, write_npy
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
 from jquant.qtensor import is_qtensor
+from jquant.quantizers import gptq, registry, rtn
+from jquant.quantizers.stats import Collector
 from jquant.spec import Rule, compile_rules, match, path_str
 from jquant.tree import quantize_tree
 
@@ -46,7 +51,7 @@ SEQUENTIAL_GROUPS = (
     ("mlp/gate_proj", "mlp/up_proj"),
     ("mlp/down_proj",),
 )
-DATA_DRIVEN = ("gptq",)
+_BLOCK_LINEAR = re.compile(r"^layers/\d+/(" + "|".join(n for g in SEQUENTIAL_GROUPS for n in g) + r")/kernel$")
 
 
 @dataclasses.dataclass
@@ -54,7 +59,7 @@ class LayerLog:
     path: str
     method: str
     seconds: float
-    loss: float | None = None  # the method's own loss (GPTQ: Σ(w−q)²/U_jj²/2)
+    loss: float | None = None  # the method's own loss (GPTQ: Σ(w−q)²/U_jj²/2; HQQ: mean |w − q|)
     recon: float | None = None  # tr(ΔWᵀ H ΔW)/2 = ‖X(W−Q)‖²/n on the calibration inputs
     recon_rtn: float | None = None  # the same for RTN with the same grid, for comparison
     damp: float | None = None
@@ -88,9 +93,10 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     Args:
       model: a :class:`jquant.models.Llama` (left unchanged).
       tokens: int32 ``(n, seq_len)`` calibration windows.
-      rules: ``(pattern, QuantSpec | None)``; block linears with ``method='gptq'`` are solved
-        on calibration data, ``rtn`` ones are rounded; other leaves (embedding, head) go
-        through :func:`jquant.quantize_tree` with the data-free rules.
+      rules: ``(pattern, QuantSpec | None)``; each block linear is quantized by the method its
+        rule names (:mod:`jquant.quantizers`), given the input statistics the method declares;
+        other leaves (embedding, head, norms) go through :func:`jquant.quantize_tree` and
+        must use data-free methods (a SpecError says so before any work).
       work_dir: where per-block results go; an unfinished job in it is resumed.
       batch_size: calibration windows per forward pass.
       model_id: a string naming the model (part of the job's fingerprint for resumption).
@@ -106,6 +112,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         raise DataError(f"calibration token ids outside the vocabulary of {config.vocab_size}")
     compiled = compile_rules(rules)
     graphdef, state = nnx.split(model)
+    _check_data_driven_leaves(state, compiled)
     n_layers = len(model.layers)
     logs: list[LayerLog] = []
 
@@ -130,14 +137,20 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     def run_block(bstate, h):
         return nnx.merge(block_gd, bstate)(h)[0]
 
-    def hessian_fn(name):
-        @jax.jit
-        def f(bstate, h, hs):
-            _, inputs = nnx.merge(block_gd, bstate).forward_with_inputs(h)
-            return gptq.hessian_update(hs, inputs[name])
-        return f
+    stat_fns = {}
 
-    hess_fns = {g[0]: hessian_fn(g[0]) for g in SEQUENTIAL_GROUPS}
+    def stat_fn(name: str, names: tuple[str, ...]):
+        """Jitted ``(block state, hidden, stats) -> stats`` folding one batch of ``name``'s input."""
+        if (name, names) not in stat_fns:
+            coll = Collector(names)
+
+            @jax.jit
+            def f(bstate, h, st):
+                _, inputs = nnx.merge(block_gd, bstate).forward_with_inputs(h)
+                return coll.update(st, inputs[name])
+
+            stat_fns[(name, names)] = f
+        return stat_fns[(name, names)]
 
     @jax.jit
     def embed(t):
@@ -174,29 +187,29 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                     specs[name] = spec
             if not specs:
                 continue
-            needs_data = any(s.method in DATA_DRIVEN for s in specs.values())
-            H = None
-            if needs_data:
+            needed = tuple(sorted({n for sp in specs.values() for n in registry.get(sp.method).stats}))
+            stats = {}
+            if needed:  # one pass over the batches collects every statistic the group's methods need
                 x_dim = _leaf(bstate, f"{group[0]}/kernel").shape[0]
-                hs = gptq.Hessian.zeros(x_dim)
+                coll = Collector(needed)
+                st = coll.init(x_dim)
+                f = stat_fn(group[0], needed)
                 for b in batches:
-                    hs = hess_fns[group[0]](bstate, jnp.asarray(h_all[b]), hs)
-                H = hs.H
-                if not bool(jnp.all(jnp.isfinite(H))):
-                    raise NonFiniteError(at(f"{prefix}{group[0]}", "calibration activations hold NaN/Inf"))
+                    st = f(bstate, jnp.asarray(h_all[b]), st)
+                stats = coll.finalize(st)
+                for k, v in stats.items():
+                    if not bool(jnp.all(jnp.isfinite(v))):
+                        raise NonFiniteError(at(f"{prefix}{group[0]}", f"calibration statistic {k!r} holds NaN/Inf "
+                                                                        "(NaN/Inf in the calibration activations)"))
+            H = stats.get("hessian")
             new = {}
             for name, spec in specs.items():
                 path = f"{prefix}{name}/kernel"
                 w = _leaf(bstate, f"{name}/kernel")
                 t0 = time.perf_counter()
                 entry = LayerLog(path=path, method=spec.method, seconds=0.0)
-                if spec.method == "gptq":
-                    qt, info = gptq.gptq_quantize(w, H, spec, path=path)
-                    entry.loss, entry.damp = info.loss, info.damp
-                elif spec.method == "rtn":
-                    qt = rtn.quantize(w, spec, path=path)
-                else:
-                    raise SpecError(at(path, f"method {spec.method!r} is not supported by the calibration pipeline"))
+                qt, info = registry.quantize_weight(w, spec, stats, path=path)
+                entry.loss, entry.damp = info.get("loss"), info.get("damp")
                 jax.block_until_ready(qt.codes)
                 entry.seconds = time.perf_counter() - t0
                 if H is not None:
@@ -233,12 +246,27 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         for kp, x in jax.tree_util.tree_flatten_with_path(bst, is_leaf=is_qtensor)[0]:
             repl[f"layers/{i}/{path_str(kp)}"] = x
     out = _replace(out, repl)
-    rest_rules = [(p, s if (s is None or s.method not in DATA_DRIVEN) else None) for p, s in rules]
-    rest_rules = [(r"^layers/\d+/", None)] + rest_rules
+    # Block linears left in float by their rule stay so; every other leaf a rule names
+    # (embedding, head, norms) is quantized by its data-free method.
+    rest_rules = [(_BLOCK_LINEAR.pattern, None)] + list(rules)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rules for block leaves match nothing here
+        warnings.simplefilter("ignore")  # rules for block linears match nothing here
         out = quantize_tree(out, rest_rules)
     return out, logs
+
+
+def _check_data_driven_leaves(state, compiled) -> None:
+    """Refuse, before any work, a data-driven rule on a leaf the pipeline collects no statistics for."""
+    for kp, _ in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_qtensor)[0]:
+        path = path_str(kp)
+        if _BLOCK_LINEAR.search(path):
+            continue
+        i, spec = match(path, compiled)
+        if registry.needs_data(spec):
+            raise SpecError(at(path, f"rule {i} gives method {spec.method!r}, which needs calibration statistics; the "
+                                     "pipeline collects them for the linears of the decoder blocks only ("
+                                     f"{', '.join(n.split('/')[1] for g in SEQUENTIAL_GROUPS for n in g)}). "
+                                     "Quantize this leaf with a data-free method (rtn, hqq) or keep it in float (None)"))
 
 
 def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_size: int = 32,

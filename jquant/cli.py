@@ -71,6 +71,7 @@ def cmd_quantize(args) -> int:
 
     import jquant as jq
     from jquant import calibrate, recipes
+    from jquant.quantizers import needs_data
 
     recipe = recipes.load_recipe(args.recipe)
     out = os.path.abspath(args.out)
@@ -90,7 +91,7 @@ def cmd_quantize(args) -> int:
         bar.update(1)
 
     t0 = time.perf_counter()
-    data_driven = any(sp is not None and sp.method in calibrate.DATA_DRIVEN for _, sp in recipe.rules)
+    data_driven = any(needs_data(sp) for _, sp in recipe.rules)
     calib_info = None
     if data_driven:
         bar.close()

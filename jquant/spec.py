@@ -23,9 +23,6 @@ GRANULARITIES = ("tensor", "channel", "group")
 RANGES = ("minmax", "percentile", "mse", "kl")
 ZERO_TYPES = ("int", "float")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-# Methods a spec may name. Data-free ones run in quantize_tree; data-driven ones run in
-# the calibration pipeline. Each is added here when its module lands.
-METHODS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +41,9 @@ class QuantSpec:
       zero_type: asymmetric only: ``int`` zero point (0 exactly on the grid) or ``float`` minimum.
       range: range calibration: ``minmax``, ``percentile``, ``mse``, ``kl``.
       percentile, mse_grid, mse_max_shrink, mse_norm, kl_bins, kl_candidates: its options.
-      method: the quantizer (``rtn``; others as they land).
-      options: method options, a mapping (stored as sorted pairs so the spec stays hashable).
+      method: the quantizer, a name in :mod:`jquant.quantizers` (``rtn``, ``gptq``, ``hqq``, ...).
+      options: method options, a mapping (stored as sorted pairs so the spec stays hashable);
+        checked against the method's options dataclass (names, types, ranges) on construction.
       scale_dtype: storage dtype of scales and float minima; default float16, but float32 for
         the FP8 formats (absmax/448 and absmax/57344 fall below float16's normal range for
         typical weights).
@@ -109,8 +107,8 @@ class QuantSpec:
                             f"{self.mse_grid}, {self.mse_max_shrink}, {self.mse_norm}")
         if self.kl_bins < 2 or self.kl_candidates < 1:
             raise SpecError(f"kl options need kl_bins >= 2 and kl_candidates >= 1, got {self.kl_bins}, {self.kl_candidates}")
-        if self.method not in METHODS:
-            raise SpecError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        if not isinstance(self.method, str):
+            raise SpecError(f"method must be a string, got {self.method!r}")
         if self.scale_dtype is None:
             set_("scale_dtype", "float32" if self.format.startswith("fp8") else "float16")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -127,6 +125,9 @@ class QuantSpec:
         except TypeError as e:
             raise SpecError(f"method options must be hashable values, got {self.options!r}") from e
         set_("options", tuple(opts))
+        from jquant.quantizers import registry  # the methods import this module
+
+        registry.check_spec(self)
 
     @property
     def grid(self) -> Grid:

@@ -8,32 +8,37 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from jquant import rtn
-from jquant.errors import RuleWarning, SpecError, at
+from jquant.errors import RuleWarning
 from jquant.qtensor import QTensor, is_qtensor
+from jquant.quantizers import quantize_weight
 from jquant.spec import Rule, compile_rules, match, path_str
 
-# Data-free quantizers by method name: (array, spec, path) -> QTensor.
-DATA_FREE: dict[str, Callable] = {"rtn": lambda w, spec, path: rtn.quantize(w, spec, path=path)}
 
-
-def quantize_tree(params, rules: Sequence[Rule], *, progress: Callable | None = None):
+def quantize_tree(params, rules: Sequence[Rule], *, stats: Mapping[str, Mapping] | None = None,
+                  progress: Callable | None = None):
     """Quantize the leaves of ``params`` that ``rules`` assign a spec to.
 
     Args:
       params: a pytree of float arrays (NNX State, linen dict, nested dicts). QTensor leaves
         already in it are left as they are.
-      rules: ordered ``(pattern, QuantSpec | None)``; first ``re.search`` match wins.
+      rules: ordered ``(pattern, QuantSpec | None)``; first ``re.search`` match wins. Each
+        spec's ``method`` (see :mod:`jquant.quantizers`) quantizes its leaves.
+      stats: for data-driven methods (GPTQ, ...): ``{leaf path: {statistic: array}}``, the
+        statistics of each leaf's input (:func:`jquant.quantizers.collect`). The calibration
+        pipeline (:func:`jquant.calibrate.quantize_model`) collects them itself.
       progress: optional callable ``(path, spec)`` called before each leaf is quantized.
 
     Returns:
       a tree of the same structure with QTensor leaves where a spec applied.
       A rule that matched no leaf raises a :class:`jquant.errors.RuleWarning`.
+
+    Raises:
+      SpecError: a data-driven method on a leaf ``stats`` has nothing for.
     """
     compiled = compile_rules(rules)
     used = [False] * len(compiled)
@@ -47,13 +52,9 @@ def quantize_tree(params, rules: Sequence[Rule], *, progress: Callable | None = 
             used[i] = True
         if spec is None:
             return leaf
-        fn = DATA_FREE.get(spec.method)
-        if fn is None:
-            raise SpecError(at(path, f"method {spec.method!r} needs calibration data; use jquant.calibrate, "
-                                     f"not quantize_tree (data-free methods: {', '.join(DATA_FREE)})"))
         if progress is not None:
             progress(path, spec)
-        return fn(leaf, spec, path)
+        return quantize_weight(leaf, spec, None if stats is None else stats.get(path), path=path)[0]
 
     out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_qtensor)
     for (pat, _), u in zip(compiled, used):

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import jquant as jq
-from jquant import calibrate, gptq
+from jquant import calibrate
+from jquant.quantizers import gptq
 from jquant.errors import CheckpointError, DataError
 from jquant.models import LlamaConfig, forward, init_model
 

@@ -25,7 +25,8 @@ import pytest
 import jquant
 from jquant import QuantSpec
 from jquant.errors import NonFiniteError, ShapeError, SpecError
-from jquant.gptq import Hessian, gptq_quantize, hessian_update
+from jquant.quantizers.gptq import gptq_quantize
+from jquant.quantizers.stats import Hessian, hessian_update
 
 from gptq_reference import gptq_reference, jquant_block, output_error, qparams
 
@@ -351,8 +352,12 @@ def test_bad_input():
     for bad in ({"damp": 0.0}, {"block_size": 0}, {"max_damp_tries": 0}):
         with pytest.raises(SpecError):
             gptq_quantize(w, H, gptq_spec(4, False, 32, **bad), path=p)
-    with pytest.raises(SpecError, match=p):
-        gptq_quantize(w, H, QuantSpec(format="binary", method="gptq"), path=p)
+    with pytest.raises(SpecError, match="method 'gptq' does not take format 'binary'"):
+        QuantSpec(format="binary", method="gptq")  # refused when the spec is built, before any work
+    with pytest.raises(SpecError, match=r"damp='0.1' must be of type float, got str"):
+        gptq_spec(4, False, 32, damp="0.1")
+    with pytest.raises(SpecError, match=r"act_order=1 must be of type bool"):
+        gptq_spec(4, False, 32, act_order=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,7 +388,7 @@ def test_jit_and_no_jit_agree():
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,Kp,act_order", [(37, 37, False), (37, 48, True), (203, 256, True)])
 def test_factor_matches_numpy(n, Kp, act_order):
-    from jquant.gptq import _factor, _order
+    from jquant.quantizers.gptq import _factor, _order
 
     rng = np.random.default_rng(n)
     X = rng.normal(size=(2 * n, n)) * np.exp(rng.normal(size=n))
@@ -411,7 +416,7 @@ def test_factor_matches_numpy(n, Kp, act_order):
 
 
 def test_factor_failure_is_flagged():
-    from jquant.gptq import _factor, _order
+    from jquant.quantizers.gptq import _factor, _order
 
     H = -jnp.eye(8)
     perm, dead = _order(H, False)

@@ -42,10 +42,11 @@ def test_spec_validation(kw, pattern):
 
 def test_spec_defaults_dict_round_trip_and_describe():
     assert QuantSpec().bits == 4 and QuantSpec(format="fp8_e4m3").bits == 8 and QuantSpec(format="binary").bits == 1
-    s = QuantSpec(bits=3, group_size=64, symmetric=False, zero_type="float", range="mse", options={"b": 2, "a": 1})
-    assert s.options == (("a", 1), ("b", 2)) and s.option_dict == {"a": 1, "b": 2}
+    s = QuantSpec(bits=3, group_size=64, symmetric=False, zero_type="float", range="mse", method="gptq",
+                  options={"damp": 0.1, "act_order": True})
+    assert s.options == (("act_order", True), ("damp", 0.1)) and s.option_dict == {"act_order": True, "damp": 0.1}
     assert QuantSpec.from_dict(s.to_dict()) == s and hash(QuantSpec.from_dict(s.to_dict())) == hash(s)
-    assert s.describe() == "int3 g64 asym-fmin mse"
+    assert s.describe() == "gptq int3 g64 asym-fmin mse"
     assert QuantSpec(format="nf4", granularity="channel").describe() == "nf4 channel"
     with pytest.raises(SpecError, match=r"unknown QuantSpec field\(s\) \['bitz'\]"):
         QuantSpec.from_dict({"bitz": 4})
@@ -126,7 +127,7 @@ def test_rule_errors():
 
 def test_data_driven_method_in_quantize_tree_names_path():
     spec = QuantSpec(method="gptq")  # valid spec, but quantize_tree is data-free
-    with pytest.raises(SpecError, match=r"^dec/w: method 'gptq' needs calibration data"):
+    with pytest.raises(SpecError, match=r"^dec/w: method 'gptq' needs the input statistic\(s\) \['hessian'\]"):
         jquant.quantize_tree({"dec": {"w": w_((128, 4))}}, [("w", spec)])
 
 

@@ -93,9 +93,9 @@ def test_unsupported_weights_are_named():
         wq_matmul(x, qt, interpret=True)
     import jquant as jq
 
-    nf4 = jq.rtn.quantize(jnp.ones((128, 32)), jq.QuantSpec(format="nf4", granularity="group", group_size=32))
+    nf4 = jq.quantize(jnp.ones((128, 32)), jq.QuantSpec(format="nf4", granularity="group", group_size=32))
     with pytest.raises(KernelUnsupported, match="nf4"):
         wq_matmul(jnp.ones((2, 128)), nf4, interpret=True)
-    ragged = jq.rtn.quantize(jnp.ones((100, 32)), jq.QuantSpec(bits=4, granularity="group", group_size=64))
+    ragged = jq.quantize(jnp.ones((100, 32)), jq.QuantSpec(bits=4, granularity="group", group_size=64))
     with pytest.raises(KernelUnsupported, match="group size"):
         wq_matmul(jnp.ones((2, 100)), ragged, interpret=True)

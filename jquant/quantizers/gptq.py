@@ -41,7 +41,9 @@ from jax import lax
 from jquant import formats
 from jquant.errors import NonFiniteError, ShapeError, SpecError, at
 from jquant.qtensor import GroupLayout, QTensor
-from jquant.rtn import check_weight, find_range, layout_for, pack_qtensor
+from jquant.quantizers.registry import Method, register
+from jquant.quantizers.rtn import check_weight, find_range, layout_for, pack_qtensor
+from jquant.quantizers.stats import Hessian, hessian_update  # noqa: F401  (GPTQ's statistic)
 from jquant.spec import QuantSpec
 
 _HP = lax.Precision.HIGHEST  # float32 products throughout the solve
@@ -50,7 +52,13 @@ _SEGMENT = 32  # columns per rank-1 segment of the in-block loop
 
 @dataclasses.dataclass(frozen=True)
 class GPTQOptions:
-    """GPTQ options, read from ``QuantSpec.options`` (all optional)."""
+    """GPTQ options, read from ``QuantSpec.options`` (all optional).
+
+    ``damp``: λ = damp·mean(diag H); ``block_size``: columns per lazy batch update;
+    ``act_order``: process inputs by descending ``diag H`` (with ``g_idx``); ``static_groups``:
+    group parameters from the original weights up front (act-order without ``g_idx``);
+    ``max_damp_tries``: factorisation attempts, λ ×10 each time.
+    """
 
     damp: float = 0.01
     block_size: int = 128
@@ -58,51 +66,19 @@ class GPTQOptions:
     static_groups: bool = False
     max_damp_tries: int = 6
 
+    def validate(self) -> None:
+        if not self.damp > 0:
+            raise SpecError(f"GPTQ damp must be > 0, got {self.damp}")
+        if self.block_size < 1:
+            raise SpecError(f"GPTQ block_size must be >= 1, got {self.block_size}")
+        if self.max_damp_tries < 1:
+            raise SpecError(f"GPTQ max_damp_tries must be >= 1, got {self.max_damp_tries}")
+
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> GPTQOptions:
-        opts = spec.option_dict
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(opts) - names
-        if unknown:
-            raise SpecError(f"unknown GPTQ option(s) {sorted(unknown)}; valid: {sorted(names)}")
-        o = cls(**opts)
-        if not o.damp > 0:
-            raise SpecError(f"GPTQ damp must be > 0, got {o.damp}")
-        if o.block_size < 1:
-            raise SpecError(f"GPTQ block_size must be >= 1, got {o.block_size}")
-        if o.max_damp_tries < 1:
-            raise SpecError(f"GPTQ max_damp_tries must be >= 1, got {o.max_damp_tries}")
-        return o
+        from jquant.quantizers.registry import get
 
-
-# ---------------------------------------------------------------------------------------
-# Hessian statistics
-# ---------------------------------------------------------------------------------------
-class Hessian(NamedTuple):
-    """Running mean ``H = 2·XᵀX/n`` (float32) over ``n`` input rows."""
-
-    H: jax.Array
-    n: jax.Array
-
-    @classmethod
-    def zeros(cls, features: int) -> Hessian:
-        return cls(jnp.zeros((features, features), jnp.float32), jnp.zeros((), jnp.float32))
-
-
-@jax.jit
-def hessian_update(h: Hessian, x) -> Hessian:
-    """Fold a batch of inputs ``x`` (``(..., in)``) into the running mean.
-
-    ``H ← H·n/(n+m) + 2·xᵀx/(n+m)``: the old sum is rescaled rather than the new batch
-    added to a growing sum, so the values stay O(1) however many batches come.
-    """
-    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    m = jnp.float32(x.shape[0])
-    n = h.n + m
-    xs = x * jnp.sqrt(2.0 / n)
-    H = h.H * (h.n / n) + lax.dot_general(xs, xs, (((0,), (0,)), ((), ())),
-                                          precision=_HP)
-    return Hessian(H, n)
+        return get("gptq").parse_options(spec.options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,3 +339,13 @@ def reconstruction_error(w, qt: QTensor, H) -> float:
     d = (jnp.asarray(w, jnp.float32) - qt.dequantize(jnp.float32))
     return float(jnp.sum(d * jnp.dot(H.astype(jnp.float32), d, precision=_HP)) / 2)
 
+
+
+def _method(w, spec: QuantSpec, stats, *, path: str | None = None):
+    qt, info = gptq_quantize(w, stats["hessian"], spec, path=path)
+    return qt, {"loss": info.loss, "damp": info.damp}
+
+
+register(Method("gptq", _method, stats=("hessian",), options=GPTQOptions, formats=formats.RANGE_FORMATS,
+                paper="arXiv:2210.17323",
+                summary="column-by-column rounding with error feedback through the inverse Hessian"))

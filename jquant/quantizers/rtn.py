@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jquant import clipping, formats, packing
 from jquant.errors import DTypeError, NonFiniteError, ShapeError, at
 from jquant.qtensor import GroupLayout, QTensor
+from jquant.quantizers.registry import Method, register
 from jquant.spec import QuantSpec
 
 
@@ -115,3 +116,11 @@ def fake_quant(w, spec: QuantSpec):
     """``dequantize(quantize(w))`` in ``w``'s dtype (no validation; usable inside jit)."""
     lay = layout_for(w.shape, spec)
     return _rtn(w, spec, lay).dequantize(w.dtype)
+
+
+def _method(w, spec: QuantSpec, stats, *, path: str | None = None):
+    return quantize(w, spec, path=path), {}
+
+
+register(Method("rtn", _method, summary="round to nearest on a grid set by the group's range (range calibration: "
+                                         "minmax, percentile, mse, kl)"))

@@ -1,0 +1,30 @@
+"""Quantization methods, one module each, behind one interface (:mod:`.registry`).
+
+==========  ==========================================================  =================
+method      what it does                                                statistics
+==========  ==========================================================  =================
+``rtn``     round to nearest on a range-calibrated grid                 none
+``gptq``    GPTQ, error feedback through the Hessian (arXiv:2210.17323) ``hessian``
+``hqq``     half-quadratic proximal solve of the zero point (and scale) none
+==========  ==========================================================  =================
+
+``quantize(w, spec, stats=None)`` runs whichever method ``spec.method`` names; the
+calibration pipeline collects the statistics a method declares (:mod:`.stats`).
+"""
+
+from jquant.quantizers import gptq, hqq, rtn  # noqa: F401  (each registers its method)
+from jquant.quantizers.registry import Method, available, get, needs_data, quantize_weight, register
+from jquant.quantizers.stats import STATISTICS, collect
+
+
+def quantize(w, spec, stats=None, *, path: str | None = None):
+    """Quantize one array with the method ``spec.method`` names; returns the QTensor.
+
+    ``w`` is a float array (a Flax kernel is ``(in, out)``, groups along ``spec.axis``);
+    ``stats`` holds the input statistics a data-driven method needs (``{name: array}``).
+    """
+    return quantize_weight(w, spec, stats, path=path)[0]
+
+
+__all__ = ["Method", "STATISTICS", "available", "collect", "get", "needs_data", "quantize", "quantize_weight",
+           "register"]

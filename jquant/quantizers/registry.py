@@ -1,0 +1,166 @@
+"""The one method interface: what a quantization method declares, and the registry.
+
+A method is a :class:`Method`: a name, the statistics of a linear's input it needs
+(``()`` for data-free methods; see :mod:`jquant.quantizers.stats`), a frozen dataclass of
+its options (validated when a ``QuantSpec`` naming the method is built), the formats it
+accepts, and a function
+
+    quantize(w, spec, stats, *, path) -> (QTensor, info)
+
+that turns a weight (Flax layout ``(in, out)``, groups along ``spec.axis``) and a
+``{statistic name: array}`` mapping into a QTensor, with a dict of numbers worth logging
+(``loss``, ``damp``, ...). Everything that walks trees, collects statistics or runs
+calibration (``quantize_tree``, ``calibrate.quantize_model``, the CLI) dispatches through
+:func:`quantize_weight`; adding a method is one module that calls :func:`register`, plus
+its import in ``jquant/quantizers/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jquant.errors import SpecError, at
+from jquant.formats import FORMATS
+from jquant.quantizers.stats import check_names
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered quantization method (see the module docstring).
+
+    Attributes:
+      name: what ``QuantSpec.method`` says.
+      quantize: ``(w, spec, stats, *, path) -> (QTensor, info dict)``.
+      stats: names of the input statistics it needs; empty for data-free methods.
+      options: a frozen dataclass of the method's options (fields with defaults, bool/int/
+        float/str types), or None when it takes none. An optional ``validate(self)`` method
+        raises :class:`jquant.errors.SpecError` for out-of-range values.
+      formats: the ``QuantSpec.format`` values it accepts.
+      paper: where the method comes from (arXiv id).
+      check: optional ``check(spec)`` raising SpecError for specs the method cannot serve
+        (called when a QuantSpec is built, so a bad recipe fails before any work).
+    """
+
+    name: str
+    quantize: Callable[..., tuple[Any, dict]]
+    stats: tuple[str, ...] = ()
+    options: type | None = None
+    formats: tuple[str, ...] = FORMATS
+    paper: str = ""
+    summary: str = ""
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def data_free(self) -> bool:
+        return not self.stats
+
+    def parse_options(self, options: Mapping[str, Any] | tuple = ()) -> Any:
+        """The options dataclass from a mapping (or the sorted pairs a QuantSpec stores).
+
+        Raises SpecError for unknown keys, values of the wrong type (``damp: "0.1"``) and
+        whatever the options' ``validate`` refuses.
+        """
+        opts = dict(options)
+        if self.options is None:
+            if opts:
+                raise SpecError(f"method {self.name!r} takes no options, got {sorted(opts)}")
+            return None
+        fields = {f.name: f for f in dataclasses.fields(self.options)}
+        unknown = set(opts) - set(fields)
+        if unknown:
+            raise SpecError(f"unknown {self.name} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+        hints = typing.get_type_hints(self.options)
+        for k, v in opts.items():
+            want = hints.get(k)
+            args = typing.get_args(want)
+            if type(None) in args:  # ``X | None``: None is fine, anything else must be an X
+                if v is None:
+                    continue
+                want = next(a for a in args if a is not type(None))
+            if want is bool:
+                ok = isinstance(v, bool)
+            elif want is int:
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif want is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if ok:
+                    opts[k] = float(v)
+            elif want is str:
+                ok = isinstance(v, str)
+            else:
+                ok = True
+            if not ok:
+                raise SpecError(f"{self.name} option {k}={v!r} must be of type {want.__name__}, "
+                                f"got {type(v).__name__}")
+        o = self.options(**opts)
+        if hasattr(o, "validate"):
+            o.validate()
+        return o
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (its name must be new). Returns it."""
+    if not isinstance(method, Method):
+        raise SpecError(f"register() takes a Method, got {type(method).__name__}")
+    if method.name in _REGISTRY:
+        raise SpecError(f"a method named {method.name!r} is already registered")
+    check_names(method.stats, f"method {method.name!r}")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def available() -> tuple[str, ...]:
+    """Names of the registered methods."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``, or a SpecError listing the available ones."""
+    m = _REGISTRY.get(name)
+    if m is None:
+        raise SpecError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}")
+    return m
+
+
+def check_spec(spec) -> None:
+    """Validate a QuantSpec against its method (format accepted, options well-formed)."""
+    m = get(spec.method)
+    if spec.format not in m.formats:
+        raise SpecError(f"method {m.name!r} does not take format {spec.format!r}; it takes: {', '.join(m.formats)}")
+    m.parse_options(spec.options)
+    if m.check is not None:
+        m.check(spec)
+
+
+def needs_data(spec) -> bool:
+    """Whether the method of ``spec`` (a QuantSpec or None) needs calibration statistics."""
+    return spec is not None and not get(spec.method).data_free
+
+
+def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: str | None = None):
+    """Quantize one weight with the method ``spec.method`` names. Returns ``(QTensor, info)``.
+
+    Args:
+      w: float array; a Flax kernel is ``(in, out)``, groups run along ``spec.axis``.
+      spec: the QuantSpec.
+      stats: the input statistics the method needs (``{name: array}``, see
+        :mod:`jquant.quantizers.stats`); ignored by data-free methods.
+      path: tree path named in errors.
+
+    Raises:
+      SpecError: when the method needs statistics that ``stats`` does not hold.
+    """
+    m = get(spec.method)
+    stats = {} if stats is None else stats
+    missing = [n for n in m.stats if n not in stats]
+    if missing:
+        raise SpecError(at(path, f"method {m.name!r} needs the input statistic(s) {missing} of this layer, "
+                                 "which were not given: run it through jquant.calibrate.quantize_model, or pass "
+                                 "stats={path: {name: array}} (see jquant.quantizers.stats.collect)"))
+    return m.quantize(w, spec, {n: stats[n] for n in m.stats}, path=path)

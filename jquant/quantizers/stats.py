@@ -1,0 +1,145 @@
+"""Statistics of a linear layer's input that data-driven methods ask for.
+
+A method declares the names of the statistics it needs (:attr:`Method.stats`); the
+calibration pipeline collects exactly the union of them for every group of linears that
+share one input, in one pass over the calibration batches, and hands each linear a
+``{name: array}`` mapping. Every statistic is a running reduction over the input rows
+``x`` (``(..., in)``, all leading axes are rows), jit-compatible, and kept in float32:
+
+================  =========  ==================================================================
+name              shape      value over ``n`` input rows
+================  =========  ==================================================================
+``hessian``       (in, in)   ``H = 2·XᵀX/n`` (GPTQ's Hessian of the layer-wise squared error)
+``act_sq_mean``   (in,)      ``mean_t x_t,j²`` per input channel (llama.cpp's importance matrix)
+``act_abs_mean``  (in,)      ``mean_t |x_t,j|`` per input channel (AWQ's activation magnitude)
+``act_abs_max``   (in,)      ``max_t |x_t,j|`` per input channel (LLM.int8's outlier features)
+================  =========  ==================================================================
+
+Means are running means (the old value rescaled by ``n/(n+m)``), so they stay O(1)
+however many batches come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jquant.errors import DataError, SpecError
+
+_HP = lax.Precision.HIGHEST
+
+
+class Hessian(NamedTuple):
+    """Running mean ``H = 2·XᵀX/n`` (float32) over ``n`` input rows."""
+
+    H: jax.Array
+    n: jax.Array
+
+    @classmethod
+    def zeros(cls, features: int) -> Hessian:
+        return cls(jnp.zeros((features, features), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+@jax.jit
+def hessian_update(h: Hessian, x) -> Hessian:
+    """Fold a batch of inputs ``x`` (``(..., in)``) into the running mean.
+
+    ``H ← H·n/(n+m) + 2·xᵀx/(n+m)``: the old sum is rescaled rather than the new batch
+    added to a growing sum, so the values stay O(1) however many batches come.
+    """
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = jnp.float32(x.shape[0])
+    n = h.n + m
+    xs = x * jnp.sqrt(2.0 / n)
+    H = h.H * (h.n / n) + lax.dot_general(xs, xs, (((0,), (0,)), ((), ())), precision=_HP)
+    return Hessian(H, n)
+
+
+class Statistic(NamedTuple):
+    """One running statistic: ``init(features) -> state``, ``update(state, x) -> state``
+    (jit-compatible, ``x`` of shape ``(..., in)``), ``finalize(state) -> array``."""
+
+    name: str
+    doc: str
+    init: Callable[[int], Any]
+    update: Callable[[Any, jax.Array], Any]
+    finalize: Callable[[Any], jax.Array]
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+
+
+def _mean_stat(name: str, doc: str, f: Callable) -> Statistic:
+    """A running per-channel mean of ``f(x)``."""
+
+    def init(k):
+        return (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))
+
+    def update(st, x):
+        mean, n = st
+        x = _rows(x)
+        m = jnp.float32(x.shape[0])
+        n2 = n + m
+        return (mean * (n / n2) + jnp.sum(f(x), axis=0) / n2, n2)
+
+    return Statistic(name, doc, init, update, lambda st: st[0])
+
+
+STATISTICS: dict[str, Statistic] = {
+    "hessian": Statistic("hessian", "H = 2·XᵀX/n, (in, in)", Hessian.zeros, hessian_update, lambda h: h.H),
+    "act_sq_mean": _mean_stat("act_sq_mean", "mean x² per input channel, (in,)", jnp.square),
+    "act_abs_mean": _mean_stat("act_abs_mean", "mean |x| per input channel, (in,)", jnp.abs),
+    "act_abs_max": Statistic(
+        "act_abs_max", "max |x| per input channel, (in,)",
+        lambda k: jnp.zeros((k,), jnp.float32),
+        lambda st, x: jnp.maximum(st, jnp.max(jnp.abs(_rows(x)), axis=0)),
+        lambda st: st),
+}
+
+
+def check_names(names: Sequence[str], who: str) -> tuple[str, ...]:
+    """``names`` as a tuple, or a SpecError naming ``who`` and the known statistics."""
+    names = tuple(names)
+    bad = [n for n in names if n not in STATISTICS]
+    if bad:
+        raise SpecError(f"{who}: unknown statistic(s) {bad}; known: {', '.join(STATISTICS)}")
+    return names
+
+
+class Collector(NamedTuple):
+    """Several statistics of one input, collected together (one pass over the batches)."""
+
+    names: tuple[str, ...]
+
+    def init(self, features: int) -> dict[str, Any]:
+        return {n: STATISTICS[n].init(features) for n in self.names}
+
+    def update(self, state: Mapping[str, Any], x) -> dict[str, Any]:
+        return {n: STATISTICS[n].update(state[n], x) for n in self.names}
+
+    def finalize(self, state: Mapping[str, Any]) -> dict[str, jax.Array]:
+        return {n: STATISTICS[n].finalize(state[n]) for n in self.names}
+
+
+def collect(names: Sequence[str], batches) -> dict[str, jax.Array]:
+    """The statistics ``names`` of an iterable of input batches (each ``(..., in)``).
+
+    A convenience for scripts and tests; the calibration pipeline folds the update into its
+    own jitted block function instead.
+    """
+    c = Collector(check_names(sorted(set(names)), "collect"))
+    state = None
+    upd = jax.jit(c.update)
+    for x in batches:
+        x = jnp.asarray(x)
+        if state is None:
+            state = c.init(x.shape[-1])
+        state = upd(state, x)
+    if state is None:
+        raise DataError("collect: no input batches were given")
+    return c.finalize(state)
