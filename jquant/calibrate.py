@@ -187,7 +187,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                     specs[name] = spec
             if not specs:
                 continue
-            needed = tuple(sorted({n for sp in specs.values() for n in registry.get(sp.method).stats}))
+            needed = tuple(sorted({n for sp in specs.values() for n in registry.get(sp.method).stats_for(sp)}))
             stats = {}
             if needed:  # one pass over the batches collects every statistic the group's methods need
                 x_dim = _leaf(bstate, f"{group[0]}/kernel").shape[0]

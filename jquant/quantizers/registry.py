@@ -34,7 +34,9 @@ class Method:
     Attributes:
       name: what ``QuantSpec.method`` says.
       quantize: ``(w, spec, stats, *, path) -> (QTensor, info dict)``.
-      stats: names of the input statistics it needs; empty for data-free methods.
+      stats: names of the input statistics it needs (empty for data-free methods), or a
+        function ``spec -> names`` when they depend on the options (e.g. an optional
+        importance matrix); read it through :meth:`stats_for`.
       options: a frozen dataclass of the method's options (fields with defaults, bool/int/
         float/str types), or None when it takes none. An optional ``validate(self)`` method
         raises :class:`jquant.errors.SpecError` for out-of-range values.
@@ -46,16 +48,16 @@ class Method:
 
     name: str
     quantize: Callable[..., tuple[Any, dict]]
-    stats: tuple[str, ...] = ()
+    stats: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     options: type | None = None
     formats: tuple[str, ...] = FORMATS
     paper: str = ""
     summary: str = ""
     check: Callable[[Any], None] | None = None
 
-    @property
-    def data_free(self) -> bool:
-        return not self.stats
+    def stats_for(self, spec) -> tuple[str, ...]:
+        """The statistics this method needs to quantize with ``spec``."""
+        return tuple(self.stats(spec)) if callable(self.stats) else tuple(self.stats)
 
     def parse_options(self, options: Mapping[str, Any] | tuple = ()) -> Any:
         """The options dataclass from a mapping (or the sorted pairs a QuantSpec stores).
@@ -110,7 +112,8 @@ def register(method: Method) -> Method:
         raise SpecError(f"register() takes a Method, got {type(method).__name__}")
     if method.name in _REGISTRY:
         raise SpecError(f"a method named {method.name!r} is already registered")
-    check_names(method.stats, f"method {method.name!r}")
+    if not callable(method.stats):
+        check_names(method.stats, f"method {method.name!r}")
     _REGISTRY[method.name] = method
     return method
 
@@ -136,11 +139,12 @@ def check_spec(spec) -> None:
     m.parse_options(spec.options)
     if m.check is not None:
         m.check(spec)
+    check_names(m.stats_for(spec), f"method {m.name!r}")
 
 
 def needs_data(spec) -> bool:
     """Whether the method of ``spec`` (a QuantSpec or None) needs calibration statistics."""
-    return spec is not None and not get(spec.method).data_free
+    return spec is not None and bool(get(spec.method).stats_for(spec))
 
 
 def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: str | None = None):
@@ -158,9 +162,10 @@ def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: st
     """
     m = get(spec.method)
     stats = {} if stats is None else stats
-    missing = [n for n in m.stats if n not in stats]
+    names = m.stats_for(spec)
+    missing = [n for n in names if n not in stats]
     if missing:
         raise SpecError(at(path, f"method {m.name!r} needs the input statistic(s) {missing} of this layer, "
                                  "which were not given: run it through jquant.calibrate.quantize_model, or pass "
                                  "stats={path: {name: array}} (see jquant.quantizers.stats.collect)"))
-    return m.quantize(w, spec, {n: stats[n] for n in m.stats}, path=path)
+    return m.quantize(w, spec, {n: stats[n] for n in names}, path=path)
