@@ -76,6 +76,9 @@ def cmd_quantize(args) -> int:
     recipe = recipes.load_recipe(args.recipe)
     out = os.path.abspath(args.out)
     ckpt = os.path.join(out, "params")
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {out} is an existing file, not a directory", file=sys.stderr)
+        return 2
     if os.path.exists(ckpt) and not args.overwrite:
         print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
         return 2
@@ -96,12 +99,11 @@ def cmd_quantize(args) -> int:
     if data_driven:
         bar.close()
         cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
-        if args.calib_text:
-            cal["text"] = args.calib_text
-        if args.calib_windows:
-            cal["windows"] = args.calib_windows
-        if args.calib_seq_len:
-            cal["seq_len"] = args.calib_seq_len
+        for key, value in (("text", args.calib_text), ("windows", args.calib_windows),
+                           ("seq_len", args.calib_seq_len)):
+            if value is not None:
+                cal[key] = value
+        cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
         if tok is None:
             print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
             return 2

@@ -1,0 +1,43 @@
+"""Recipes: every shipped one loads; every key of a recipe is checked."""
+
+import pytest
+
+from jquant import recipes
+from jquant.errors import SpecError
+from jquant.quantizers import needs_data
+
+GOOD_RULE = {"pattern": "_proj/kernel$", "spec": {"bits": 4, "group_size": 64, "symmetric": False}}
+
+
+@pytest.mark.parametrize("name", recipes.available())
+def test_shipped_recipes_load(name):
+    r = recipes.load_recipe(name)
+    assert r.rules and r.name == name
+    if any(needs_data(s) for _, s in r.rules):  # data-driven recipes say how to calibrate
+        assert {"text", "windows"} <= set(r.calibration)
+
+
+def test_hqq_recipes_name_hqq():
+    for name in ("hqq_w4_g64", "hqq_w3_g64", "hqq_w2_g32", "hqq_w2_g16"):
+        (_, spec), = recipes.load_recipe(name).rules
+        assert spec.method == "hqq" and not spec.symmetric
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({"rules": [GOOD_RULE], "calibation": {}}, r"unknown recipe key\(s\) \['calibation'\]"),
+    ({"rules": [GOOD_RULE], "calibration": {"windowz": 4}}, r"unknown calibration key\(s\) \['windowz'\]"),
+    ({"rules": [GOOD_RULE], "calibration": {"windows": 0}}, r"calibration windows=0 must be >= 1"),
+    ({"rules": [GOOD_RULE], "calibration": {"seq_len": "512"}}, r"seq_len='512' must be an integer"),
+    ({"rules": [GOOD_RULE], "calibration": {"windows": 2.5}}, r"windows=2.5 must be an integer"),
+    ({"rules": [GOOD_RULE], "calibration": [1]}, r"'calibration' must be a mapping"),
+    ({"rules": {"pattern": "x"}}, r"'rules' must be a list"),
+    ({"rules": [{"pattern": "x", "spec": None, "sepc": 1}]}, r"unknown key\(s\) \['sepc'\]"),
+    ({"rules": [{"pattern": 3, "spec": None}]}, r"pattern must be a string"),
+    ({"rules": [{"pattern": "x", "spec": [4]}]}, r"spec must be a mapping or null"),
+    ({"rules": [{"pattern": "x", "spec": {"method": "gptq", "options": {"damp": "0.1"}}}]},
+     r"rule 0 \('x'\): gptq option damp='0.1' must be of type float"),
+    ({"rules": [{"pattern": "x", "spec": {"bitz": 4}}]}, r"unknown QuantSpec field"),
+])
+def test_bad_recipes(doc, match):
+    with pytest.raises(SpecError, match=match):
+        recipes.recipe_from_dict(doc, "r.yaml")
