@@ -53,6 +53,11 @@ def _gptq(bits, group, **options):
     return _int(bits, group, "gptq", damp=0.1, act_order=True, static_groups=True, **options)
 
 
+def _awq(bits, group, then="rtn"):
+    extra = {"damp": 0.1, "act_order": True, "static_groups": True} if then == "gptq" else {}
+    return _int(bits, group, "awq", then=then, **extra)
+
+
 # row -> (setting, label, what): what is a jquant spec dict, or ("peer:hqq", bits, group).
 ROWS = {
     "rtn_w4": ("W4 g64", "RTN (integer zero)", _int(4, 64)),
@@ -61,6 +66,8 @@ ROWS = {
     "hqq_w4_int": ("W4 g64", "HQQ (jquant, integer zero)", _int(4, 64, "hqq")),
     "peer_hqq_w4": ("W4 g64", "hqq package", ("peer:hqq", 4, 64)),
     "gptq_w4": ("W4 g64", "GPTQ act-order static", _gptq(4, 64)),
+    "awq_w4": ("W4 g64", "AWQ + RTN", _awq(4, 64)),
+    "awq_gptq_w4": ("W4 g64", "AWQ + GPTQ act-order static", _awq(4, 64, "gptq")),
     "rtn_w3": ("W3 g64", "RTN (integer zero)", _int(3, 64)),
     "rtn_w3_fmin": ("W3 g64", "RTN (float minimum)", _int(3, 64, zero_type="float")),
     "rtn_w3_mse": ("W3 g64", "RTN (integer zero, MSE range)", {**_int(3, 64), "range": "mse"}),
@@ -68,6 +75,8 @@ ROWS = {
     "hqq_w3_fmin": ("W3 g64", "HQQ (jquant, float minimum)", _int(3, 64, "hqq", zero_type="float")),
     "peer_hqq_w3": ("W3 g64", "hqq package", ("peer:hqq", 3, 64)),
     "gptq_w3": ("W3 g64", "GPTQ act-order static", _gptq(3, 64)),
+    "awq_w3": ("W3 g64", "AWQ + RTN", _awq(3, 64)),
+    "awq_gptq_w3": ("W3 g64", "AWQ + GPTQ act-order static", _awq(3, 64, "gptq")),
     "rtn_w2": ("W2 g32", "RTN (integer zero)", _int(2, 32)),
     "hqq_w2": ("W2 g32", "HQQ (jquant, integer zero)", _int(2, 32, "hqq")),
     "peer_hqq_w2": ("W2 g32", "hqq package", ("peer:hqq", 2, 32)),

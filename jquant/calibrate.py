@@ -44,13 +44,16 @@ from jquant.quantizers.stats import Collector
 from jquant.spec import Rule, compile_rules, match, path_str
 from jquant.tree import quantize_tree
 
-# Linears of a Llama block, in true-sequential order; a group shares one input.
-SEQUENTIAL_GROUPS = (
-    ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
-    ("self_attn/o_proj",),
-    ("mlp/gate_proj", "mlp/up_proj"),
-    ("mlp/down_proj",),
+# Linears of a Llama block, in true-sequential order; a group shares one input. With each
+# group, the operation that produces its input, where a per-input-channel scale can be folded
+# (AWQ): a norm weight ("scale") or the output columns of a kernel ("columns").
+BLOCK_STRUCTURE = (
+    (("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), ("scale", "input_layernorm/scale")),
+    (("self_attn/o_proj",), ("columns", "self_attn/v_proj/kernel")),
+    (("mlp/gate_proj", "mlp/up_proj"), ("scale", "post_attention_layernorm/scale")),
+    (("mlp/down_proj",), ("columns", "mlp/up_proj/kernel")),
 )
+SEQUENTIAL_GROUPS = tuple(names for names, _ in BLOCK_STRUCTURE)
 _BLOCK_LINEAR = re.compile(r"^layers/\d+/(" + "|".join(n for g in SEQUENTIAL_GROUPS for n in g) + r")/kernel$")
 
 
@@ -63,6 +66,7 @@ class LayerLog:
     recon: float | None = None  # tr(ΔWᵀ H ΔW)/2 = ‖X(W−Q)‖²/n on the calibration inputs
     recon_rtn: float | None = None  # the same for RTN with the same grid, for comparison
     damp: float | None = None
+    extra: dict | None = None  # method-specific numbers (AWQ: the chosen α and its search losses)
 
 
 def _fingerprint(tokens: np.ndarray, rules: Sequence[Rule], extra: str) -> str:
@@ -178,29 +182,44 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             continue
         t_block = time.perf_counter()
         _, bstate = nnx.split(model.layers[i])
+
+        def collect(bstate, leader: str, names) -> dict:
+            """The statistics ``names`` of ``leader``'s input over the calibration set (one pass)."""
+            names = tuple(sorted(set(names)))
+            coll = Collector(names)
+            st = coll.init(_leaf(bstate, f"{leader}/kernel").shape[0])
+            f = stat_fn(leader, names)
+            for b in batches:
+                st = f(bstate, jnp.asarray(h_all[b]), st)
+            stats = coll.finalize(st)
+            for k, v in stats.items():
+                if not bool(jnp.all(jnp.isfinite(v))):
+                    raise NonFiniteError(at(f"{prefix}{leader}", f"calibration statistic {k!r} holds NaN/Inf "
+                                                                 "(NaN/Inf in the calibration activations)"))
+            return stats
+
+        block_specs = {}
         for group in SEQUENTIAL_GROUPS:
-            specs = {}
             for name in group:
-                path = f"{prefix}{name}/kernel"
-                _, spec = match(path, compiled)
+                _, spec = match(f"{prefix}{name}/kernel", compiled)
                 if spec is not None:
-                    specs[name] = spec
+                    block_specs[name] = spec
+        prepared = {}  # block-level transforms (AWQ's scales) on the float block, before any quantization
+        for mname in sorted({sp.method for sp in block_specs.values()}):
+            m = registry.get(mname)
+            if m.prepare is not None:
+                bstate, pinfo = m.prepare(bstate, BLOCK_STRUCTURE, block_specs, collect, _replace, _leaf,
+                                          prefix=prefix)
+                for names, _ in BLOCK_STRUCTURE:
+                    if names[0] in pinfo:
+                        for n in names:
+                            prepared[n] = {f"{mname}": pinfo[names[0]]}
+        for group in SEQUENTIAL_GROUPS:
+            specs = {n: block_specs[n] for n in group if n in block_specs}
             if not specs:
                 continue
             needed = tuple(sorted({n for sp in specs.values() for n in registry.get(sp.method).stats_for(sp)}))
-            stats = {}
-            if needed:  # one pass over the batches collects every statistic the group's methods need
-                x_dim = _leaf(bstate, f"{group[0]}/kernel").shape[0]
-                coll = Collector(needed)
-                st = coll.init(x_dim)
-                f = stat_fn(group[0], needed)
-                for b in batches:
-                    st = f(bstate, jnp.asarray(h_all[b]), st)
-                stats = coll.finalize(st)
-                for k, v in stats.items():
-                    if not bool(jnp.all(jnp.isfinite(v))):
-                        raise NonFiniteError(at(f"{prefix}{group[0]}", f"calibration statistic {k!r} holds NaN/Inf "
-                                                                        "(NaN/Inf in the calibration activations)"))
+            stats = collect(bstate, group[0], needed) if needed else {}
             H = stats.get("hessian")
             new = {}
             for name, spec in specs.items():
@@ -210,6 +229,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                 entry = LayerLog(path=path, method=spec.method, seconds=0.0)
                 qt, info = registry.quantize_weight(w, spec, stats, path=path)
                 entry.loss, entry.damp = info.get("loss"), info.get("damp")
+                entry.extra = prepared.get(name)
                 jax.block_until_ready(qt.codes)
                 entry.seconds = time.perf_counter() - t0
                 if H is not None:

@@ -6,13 +6,15 @@ method      what it does                                                statisti
 ``rtn``     round to nearest on a range-calibrated grid                 none
 ``gptq``    GPTQ, error feedback through the Hessian (arXiv:2210.17323) ``hessian``
 ``hqq``     half-quadratic proximal solve of the zero point (and scale) none
+``awq``     activation-aware scales folded into the preceding op, then  ``act_abs_mean``,
+            RTN or GPTQ (arXiv:2306.00978)                              ``hessian``
 ==========  ==========================================================  =================
 
 ``quantize(w, spec, stats=None)`` runs whichever method ``spec.method`` names; the
 calibration pipeline collects the statistics a method declares (:mod:`.stats`).
 """
 
-from jquant.quantizers import gptq, hqq, rtn  # noqa: F401  (each registers its method)
+from jquant.quantizers import awq, gptq, hqq, rtn  # noqa: F401  (each registers its method)
 from jquant.quantizers.registry import Method, available, get, needs_data, quantize_weight, register
 from jquant.quantizers.stats import STATISTICS, collect
 

@@ -44,6 +44,10 @@ class Method:
       paper: where the method comes from (arXiv id).
       check: optional ``check(spec)`` raising SpecError for specs the method cannot serve
         (called when a QuantSpec is built, so a bad recipe fails before any work).
+      prepare: optional block-level transform the calibration pipeline runs on a decoder
+        block's float parameters before any of its linears is quantized (AWQ folds its
+        scales here): ``prepare(bstate, structure, specs, collect, replace, leaf, *, prefix)
+        -> (bstate, info)``; see :func:`jquant.quantizers.awq.prepare_block`.
     """
 
     name: str
@@ -54,6 +58,7 @@ class Method:
     paper: str = ""
     summary: str = ""
     check: Callable[[Any], None] | None = None
+    prepare: Callable[..., tuple[Any, dict]] | None = None
 
     def stats_for(self, spec) -> tuple[str, ...]:
         """The statistics this method needs to quantize with ``spec``."""
