@@ -173,4 +173,43 @@ def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: st
         raise SpecError(at(path, f"method {m.name!r} needs the input statistic(s) {missing} of this layer, "
                                  "which were not given: run it through jquant.calibrate.quantize_model, or pass "
                                  "stats={path: {name: array}} (see jquant.quantizers.stats.collect)"))
-    return m.quantize(w, spec, {n: stats[n] for n in names}, path=path)
+    qt, info = m.quantize(w, spec, {n: stats[n] for n in names}, path=path)
+    check_stored(qt, w, path)
+    return qt, info
+
+
+def check_stored(qt, w, path: str | None = None) -> None:
+    """Refuse a QTensor whose stored scales or zeros did not keep their value (checked when
+    concrete): a scale or float minimum that overflowed its storage dtype (stored as ±inf, so
+    its group would dequantize to inf/NaN), or a scale that underflowed to 0 for a group that
+    is not all zeros (the group would dequantize to zeros). Raises NonFiniteError naming the
+    leaf and the remedy (a wider ``scale_dtype``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jquant.errors import NonFiniteError
+
+    if isinstance(qt.scale, jax.core.Tracer) or qt.scale is None:
+        return
+    for name, arr in (("scale", qt.scale), ("zero", qt.zero)):
+        if arr is None or not jnp.issubdtype(arr.dtype, jnp.floating):
+            continue
+        finite = jnp.isfinite(arr)
+        if not bool(jnp.all(finite)):
+            n_bad = int(arr.size - jnp.sum(finite))
+            big = float(jnp.max(jnp.abs(jnp.asarray(w, jnp.float32))))
+            raise NonFiniteError(at(path, f"{n_bad} stored {name}(s) overflow {arr.dtype} (largest finite "
+                                          f"{float(jnp.finfo(arr.dtype).max):.6g}); the weight's largest |w| is "
+                                          f"{big:.6g}; use scale_dtype='float32' in the QuantSpec"))
+    zeros = qt.scale == 0
+    if bool(jnp.any(zeros)):
+        lay = qt.layout
+        wf = jnp.asarray(w, jnp.float32)
+        absmax = jnp.max(jnp.where(jnp.isnan(g := lay.to_groups(jnp.abs(wf))), 0.0, g), axis=1)  # (G, R)
+        stored0 = lay.params_from_stored(zeros)[:, 0, :] if qt.g_idx is None else None
+        if stored0 is not None and bool(jnp.any(stored0 & (absmax > 0))):
+            n_bad = int(jnp.sum(stored0 & (absmax > 0)))
+            tiny = float(jnp.max(jnp.where(stored0, absmax, 0.0)))
+            raise NonFiniteError(at(path, f"{n_bad} group scale(s) underflow to 0 in {qt.scale.dtype} although "
+                                          f"the group holds weights up to |w| = {tiny:.3g}; they would dequantize "
+                                          "to zeros; use scale_dtype='float32' in the QuantSpec"))
