@@ -6,13 +6,14 @@ method      what it does                                                statisti
 ``rtn``     round to nearest on a range-calibrated grid                 none
 ``gptq``    GPTQ, error feedback through the Hessian (arXiv:2210.17323) ``hessian``
 ``hqq``     half-quadratic proximal solve of the zero point (and scale) none
+``kquant``  GGUF block types Q4_0..Q8_0, k-quants Q2_K..Q6_K (llama.cpp)  ``act_sq_mean`` (imatrix only)
 ==========  ==========================================================  =================
 
 ``quantize(w, spec, stats=None)`` runs whichever method ``spec.method`` names; the
 calibration pipeline collects the statistics a method declares (:mod:`.stats`).
 """
 
-from jquant.quantizers import gptq, hqq, rtn  # noqa: F401  (each registers its method)
+from jquant.quantizers import gptq, hqq, kquant, rtn  # noqa: F401  (each registers its method)
 from jquant.quantizers.registry import Method, available, get, needs_data, quantize_weight, register
 from jquant.quantizers.stats import STATISTICS, collect
 
