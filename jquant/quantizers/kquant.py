@@ -31,8 +31,10 @@ the block; ``fallback=True`` uses llama.cpp ``llama-quantize``'s fallback type o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +67,28 @@ _EPS = np.float32(1e-15)  # GROUP_MAX_EPS
 # ---------------------------------------------------------------------------------------
 # The C helpers, vectorised over blocks: arrays are (B, n), one block (or sub-block) a row.
 # ---------------------------------------------------------------------------------------
+_OPAQUE = threading.local()
+
+
+@contextlib.contextmanager
+def _opaque_zero(z):
+    """While tracing: ``z``, a −0.0 the compiler cannot see (a runtime argument), for :func:`_p`."""
+    old = getattr(_OPAQUE, "zero", None)
+    _OPAQUE.zero = z
+    try:
+        yield
+    finally:
+        _OPAQUE.zero = old
+
+
 def _p(x):
-    """A product rounded to float32 on its own before it is added to anything: ``x + 0``
-    cannot be folded (it is not the identity for −0), and if the backend fuses the
-    multiplication into it, ``fma(a, b, 0)`` is the rounded product too."""
-    return x + jnp.zeros((), _F32)
+    """A product rounded to float32 on its own before it is added to anything: ``x + z``
+    with ``z`` a −0.0 only known at run time, so the compiler can neither drop the addition
+    nor fuse the product into a later one; if it fuses the product into this addition,
+    ``fma(a, b, −0)`` is the rounded product exactly. (Outside :func:`quantize_blocks` /
+    :func:`dequantize_blocks` a constant ``+0`` stands in, which the compiler may fold.)"""
+    z = getattr(_OPAQUE, "zero", None)
+    return x + (jnp.zeros((), _F32) if z is None else z)
 
 
 def _div(a, b):
@@ -692,6 +711,24 @@ def row_bytes(qtype: str, K: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("qtype",))
+def _quantize_blocks(rows, importance, zero, *, qtype: str):
+    R, K = rows.shape
+    qk = BLOCK[qtype]
+    with _opaque_zero(zero):
+        x = rows.astype(_F32)
+        qw = sigma2 = None
+        if importance is not None:
+            qw = jnp.broadcast_to(importance.astype(_F32).reshape(1, K // qk, qk), (R, K // qk, qk)).reshape(-1, qk)
+            if qk == 32:  # the classic types' impl take sigma² over the whole row
+                sigma2 = jnp.repeat(_div(_seqsum(x * x), np.float32(K)), K // qk)
+        out = _QUANT[qtype](x.reshape(-1, qk), qw, sigma2)
+    return out.astype(jnp.uint8).reshape(R, -1)
+
+
+def _neg_zero():
+    return jnp.asarray(np.float32(-0.0))
+
+
 def quantize_blocks(rows, qtype: str, importance=None):
     """Quantize rows into GGML blocks, byte for byte as llama.cpp's reference quantizers.
 
@@ -707,45 +744,54 @@ def quantize_blocks(rows, qtype: str, importance=None):
     Returns:
       uint8 ``(R, K / QK · type_size)``: each row's blocks in GGML's ``block_*`` layout.
 
+    Jitted inside (per type and shape); loops only where the reference searches. Called
+    inside a caller's ``jit`` it works too, but the compiler then sees the constant that
+    keeps products out of FMAs and may fuse them: bytes can differ from llama.cpp's by an
+    ulp's rounding there (still a valid quantization).
+
     Raises:
       ShapeError: ``rows`` not 2-D, ``K`` not a multiple of the block, ``importance`` not ``(K,)``.
       SpecError: an unknown ``qtype``.
     """
     _check_qtype(qtype)
+    rows = jnp.asarray(rows)
     if rows.ndim != 2 or rows.shape[1] % BLOCK[qtype]:
         raise ShapeError(f"quantize_blocks takes rows (R, K) with K a multiple of {BLOCK[qtype]} for {qtype}, "
                          f"got shape {tuple(rows.shape)}")
-    R, K = rows.shape
-    qk = BLOCK[qtype]
-    x = rows.astype(_F32)
-    qw = sigma2 = None
-    if importance is not None and qtype != "q8_0":
+    K = rows.shape[1]
+    if importance is not None:
+        importance = jnp.asarray(importance)
         if tuple(importance.shape) != (K,):
             raise ShapeError(f"importance must have shape ({K},) (one weight per input channel), "
                              f"got {tuple(importance.shape)}")
-        qw = jnp.broadcast_to(importance.astype(_F32).reshape(1, K // qk, qk), (R, K // qk, qk)).reshape(-1, qk)
-        if qk == 32:  # the classic types' impl take sigma² over the whole row
-            sigma2 = jnp.repeat(_div(_seqsum(x * x), np.float32(K)), K // qk)
-    out = _QUANT[qtype](x.reshape(-1, qk), qw, sigma2)
-    return out.astype(jnp.uint8).reshape(R, -1)
+        if qtype == "q8_0":  # quantize_q8_0 ignores quant_weights
+            importance = None
+    return _quantize_blocks(rows, importance, _neg_zero(), qtype=qtype)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "K"))
+def _dequantize_blocks(data, zero, *, qtype: str, K: int):
+    R = data.shape[0]
+    with _opaque_zero(zero):
+        b = data.astype(jnp.int32).reshape(-1, TYPE_SIZE[qtype])
+        return _DEQUANT[qtype](b).reshape(R, K)
+
+
 def dequantize_blocks(data, qtype: str, K: int):
     """The float32 ``(R, K)`` rows that GGML blocks ``data`` (uint8 ``(R, K / QK · type_size)``)
-    stand for, bit for bit as ggml's ``dequantize_row_*`` and gguf-py's dequantizers.
+    stand for, bit for bit as ggml's ``dequantize_row_*`` and gguf-py's dequantizers (jitted
+    inside; usable inside ``jit``, with the caveat of :func:`quantize_blocks`).
 
     Raises:
       ShapeError: ``data`` not ``(R, K / QK · type_size)``.
       SpecError: an unknown ``qtype``.
     """
     _check_qtype(qtype)
+    data = jnp.asarray(data)
     nb = row_bytes(qtype, K)
     if K % BLOCK[qtype] or data.ndim != 2 or data.shape[1] != nb:
         raise ShapeError(f"{qtype} rows of K={K} take data of shape (R, {nb}), got {tuple(data.shape)}")
-    R = data.shape[0]
-    b = data.astype(jnp.int32).reshape(-1, TYPE_SIZE[qtype])
-    return _DEQUANT[qtype](b).reshape(R, K)
+    return _dequantize_blocks(data, _neg_zero(), qtype=qtype, K=K)
 
 
 # ---------------------------------------------------------------------------------------
