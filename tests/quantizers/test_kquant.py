@@ -101,13 +101,15 @@ def test_dequantize_equals_gguf_bit_for_bit(x, qtype):
     assert rel < {2: 0.45, 3: 0.25, 4: 0.13, 5: 0.07, 6: 0.04, 8: 0.01}[jquant.formats.FIXED_BITS[qtype]]
     # arbitrary bytes too (every code and scale pattern; f16 fields may be Inf/NaN)
     junk = np.random.default_rng(3).integers(0, 256, size=(3, kq.row_bytes(qtype, K)), dtype=np.uint8)
-    _same_bits(kq.dequantize_blocks(junk, qtype, K), gguf.quants.dequantize(junk, T[qtype.upper()]))
+    with np.errstate(all="ignore"):
+        theirs = gguf.quants.dequantize(junk, T[qtype.upper()])
+    _same_bits(kq.dequantize_blocks(junk, qtype, K), theirs)
 
 
-@pytest.mark.parametrize("qtype", ("q4_1", "q4_k"))
-def test_without_jit_same_bytes(qtype):
-    x = rows(K=256)[[0, 3, 8]]
-    imp = importance(K=256)
+@pytest.mark.parametrize("qtype,imatrix", [("q4_0", True), ("q6_k", False)])
+def test_without_jit_same_bytes(qtype, imatrix):
+    x = rows(K=256)[[0, 3]]
+    imp = importance(K=256) if imatrix else None
     want = np.asarray(kq.quantize_blocks(x, qtype, imp))
     with jax.disable_jit():
         got = np.asarray(kq.quantize_blocks(x, qtype, imp))
@@ -116,14 +118,14 @@ def test_without_jit_same_bytes(qtype):
     _same_bits(deq, kq.dequantize_blocks(want, qtype, 256))
 
 
-@pytest.mark.parametrize("qtype", ("q4_0", "q5_1", "q2_k", "q4_k", "q6_k"))
+@pytest.mark.parametrize("qtype", ("q4_0", "q4_k", "q6_k"))
 def test_imatrix_lowers_the_weighted_error(qtype):
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((16, 512)).astype(np.float32)
-    w = importance(seed=6) ** 2  # strongly uneven channels
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    w = importance(K=256, seed=6) ** 2  # strongly uneven channels
     err = {}
     for name, imp in (("plain", None), ("imatrix", w)):
-        deq = np.asarray(kq.dequantize_blocks(kq.quantize_blocks(x, qtype, imp), qtype, 512))
+        deq = np.asarray(kq.dequantize_blocks(kq.quantize_blocks(x, qtype, imp), qtype, 256))
         err[name] = float(np.sum(w * (x - deq) ** 2))
     assert err["imatrix"] < err["plain"], err
 
@@ -182,13 +184,13 @@ def test_jit_of_dequantize_and_kernels_fall_back():
 
 
 def test_imatrix_method_uses_act_sq_mean():
-    w = _tree()["a"]["kernel"]
+    w = _tree()["c"]["kernel"]
     spec = QuantSpec(format="q4_k", method="kquant", options={"imatrix": True})
     assert jquant.quantizers.needs_data(spec)
     assert not jquant.quantizers.needs_data(QuantSpec(format="q4_k", method="kquant"))
     with pytest.raises(SpecError, match="act_sq_mean"):
         jquant.quantize_tree({"k": w}, [("k", spec)])
-    imp = importance()
+    imp = importance(K=256)
     q = jquant.quantize_tree({"k": w}, [("k", spec)], stats={"k": {"act_sq_mean": imp}})["k"]
     np.testing.assert_array_equal(np.asarray(q.codes).T, ref.quantize(np.asarray(w).T, "q4_k", imp))
 
