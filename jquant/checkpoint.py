@@ -166,7 +166,7 @@ def restore(path: str | os.PathLike, *, target=None,
         if "qtensor" in e:
             m = e["qtensor"]
             parts = arrays[name]
-            values.append(QTensor(parts["codes"], parts["scale"], parts.get("zero"), parts.get("g_idx"),
+            values.append(QTensor(parts["codes"], parts.get("scale"), parts.get("zero"), parts.get("g_idx"),
                                   shape=tuple(m["shape"]), dtype=m["dtype"], grid=Grid(**m["grid"]),
                                   granularity=m["granularity"], group_size=m["group_size"], axis=m["axis"],
                                   word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm")))

@@ -112,7 +112,9 @@ class GroupLayout:
 class QTensor:
     """A quantized array.
 
-    Children (arrays): ``codes`` (packed uint32/uint8), ``scale``, ``zero`` (integer zero
+    Children (arrays): ``codes`` (packed uint32/uint8; for the GGML block formats uint8
+    ``(K / QK · type_size, N)``, column ``n`` the GGUF blocks of row ``n``, with ``scale``
+    and ``zero`` None: see :mod:`jquant.quantizers.kquant`), ``scale``, ``zero`` (integer zero
     point as uint8, or float minimum; None for symmetric grids), ``g_idx`` (int32, act-order;
     None when groups are contiguous), ``perm`` (int32: stored row ``j`` along ``axis`` is
     logical row ``perm[j]``; None when rows are stored in order).
@@ -122,7 +124,7 @@ class QTensor:
     """
 
     codes: jax.Array
-    scale: jax.Array
+    scale: jax.Array | None
     zero: jax.Array | None
     g_idx: jax.Array | None
     shape: tuple[int, ...]
@@ -180,6 +182,10 @@ class QTensor:
     def dequantize(self, dtype=None):
         """The float array (``dtype`` defaults to the original dtype)."""
         dtype = jnp.dtype(dtype or self.dtype)
+        if self.grid.fmt in formats.GGML_FORMATS:  # GGUF blocks: codes are the GGUF rows' bytes
+            from jquant.quantizers import kquant
+
+            return kquant.dequantize_qtensor(self, dtype)
         if self.perm is not None:  # stored rows are permuted: dequantize them, then put them back
             stored = dataclasses.replace(self, perm=None).dequantize(dtype)
             return jnp.take(stored, jnp.argsort(self.perm), axis=self.axis)

@@ -1,20 +1,21 @@
 """Quantization methods, one module each, behind one interface (:mod:`.registry`).
 
-==========  ==========================================================  =================
-method      what it does                                                statistics
-==========  ==========================================================  =================
-``rtn``     round to nearest on a range-calibrated grid                 none
-``gptq``    GPTQ, error feedback through the Hessian (arXiv:2210.17323) ``hessian``
-``hqq``     half-quadratic proximal solve of the zero point (and scale) none
-``awq``     activation-aware scales folded into the preceding op, then  ``act_abs_mean``,
-            RTN or GPTQ (arXiv:2306.00978)                              ``hessian``
-==========  ==========================================================  =================
+==========  ===========================================================  ==============================
+method      what it does                                                 statistics
+==========  ===========================================================  ==============================
+``rtn``     round to nearest on a range-calibrated grid                  none
+``gptq``    GPTQ, error feedback through the Hessian (arXiv:2210.17323)  ``hessian``
+``hqq``     half-quadratic proximal solve of the zero point (and scale)  none
+``awq``     activation-aware scales folded into the preceding op, then   ``act_abs_mean``, ``hessian``
+            RTN or GPTQ (arXiv:2306.00978)
+``kquant``  GGUF block types Q4_0..Q8_0, k-quants Q2_K..Q6_K (llama.cpp) ``act_sq_mean`` (imatrix only)
+==========  ===========================================================  ==============================
 
 ``quantize(w, spec, stats=None)`` runs whichever method ``spec.method`` names; the
 calibration pipeline collects the statistics a method declares (:mod:`.stats`).
 """
 
-from jquant.quantizers import awq, gptq, hqq, rtn  # noqa: F401  (each registers its method)
+from jquant.quantizers import awq, gptq, hqq, kquant, rtn  # noqa: F401  (each registers its method)
 from jquant.quantizers.registry import Method, available, get, needs_data, quantize_weight, register
 from jquant.quantizers.stats import STATISTICS, collect
 

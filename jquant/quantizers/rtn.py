@@ -122,5 +122,5 @@ def _method(w, spec: QuantSpec, stats, *, path: str | None = None):
     return quantize(w, spec, path=path), {}
 
 
-register(Method("rtn", _method, summary="round to nearest on a grid set by the group's range (range calibration: "
+register(Method("rtn", _method, formats=formats.GRID_FORMATS, summary="round to nearest on a grid set by the group's range (range calibration: "
                                          "minmax, percentile, mse, kl)"))
