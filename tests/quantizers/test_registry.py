@@ -27,8 +27,9 @@ def test_statistics_against_float64():
 
 
 def test_registry_errors():
-    with pytest.raises(SpecError, match="unknown method 'nope'; available: rtn, gptq, hqq"):
+    with pytest.raises(SpecError, match="unknown method 'nope'; available: ") as e:
         jq.QuantSpec(method="nope")
+    assert {"rtn", "gptq", "hqq", "awq", "kquant"} <= set(str(e.value).split(": ")[-1].split(", "))
     with pytest.raises(SpecError, match="already registered"):
         registry.register(Method("rtn", lambda *a, **k: None))
     with pytest.raises(SpecError, match=r"unknown statistic\(s\) \['xtx'\]"):
