@@ -24,8 +24,9 @@ jquant differs from the reference in three ways, each measured on model output:
   parameters *as stored* (``scale_dtype``); with ``early_stop`` a group stops at its first
   rejected update (the reference stops the whole tensor on the mean error). So the
   objective of every group never increases across iterations and never ends above RTN's.
-- The objective is the lp error itself (the reference early-stops on the mean absolute
-  error).
+- The objective the descent judges by is ``Σ|w − ŵ|^q`` with ``q`` an option: 2 with a float
+  minimum, 4 with an integer zero (the reference early-stops on the mean absolute error of
+  the whole tensor).
 
 One jitted solve (``lax.while_loop``) over all groups of a matrix. Options
 (:class:`HQQOptions`): ``lp_norm`` (p, 0 < p ≤ 1; 0.7), ``beta`` (β₀; 10), ``kappa`` (κ;
@@ -60,7 +61,10 @@ class HQQOptions:
     type, as measured on model output (BENCHMARKS.md): with an integer zero the reference's
     update rounds back to the same zero, so the scale is refitted too and the step judged
     by ``q = 4`` (weighing the largest errors most); with a float minimum, the reference's
-    zero-only solve judged by ``q = p``.
+    zero-only solve judged by ``q = 2``. (Judged by ``q = p = 0.7`` the descent keeps each
+    group's errors sparse but lets their mean drift: on SmolLM2 the per-group mean error was
+    15× the hqq package's and the model's KL 13% higher. The least-squares zero update makes
+    each group's mean error 0, and that is what the model's output rewards.)
     """
 
     lp_norm: float = 0.7
@@ -89,7 +93,7 @@ class HQQOptions:
         return dataclasses.replace(
             self,
             optimize_scale=integer if self.optimize_scale is None else self.optimize_scale,
-            objective_norm=(4.0 if integer else self.lp_norm) if self.objective_norm is None else self.objective_norm)
+            objective_norm=(4.0 if integer else 2.0) if self.objective_norm is None else self.objective_norm)
 
 
 def shrink_lp(x, beta, p: float):

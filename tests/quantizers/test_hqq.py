@@ -30,7 +30,7 @@ def hqq_reference(w, bits, gs, zero_type, *, p=0.7, beta=10.0, kappa=1.01, iters
     """float64 HQQ with per-group descent; returns (dequantized (G, gs, N), objective per group, J0)."""
     integer = zero_type == "int"
     opt_scale = integer if optimize_scale is None else optimize_scale
-    q = (4.0 if integer else p) if q is None else q
+    q = (4.0 if integer else 2.0) if q is None else q
     xg = grouped(np.asarray(w, np.float64), gs)
     valid = ~np.isnan(xg)
     x = np.where(valid, xg, 0.0)
