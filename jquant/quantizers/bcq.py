@@ -14,8 +14,9 @@ grid). The fit, per group:
    ``α_i = mean|r|`` (rounded to ``scale_dtype``), ``r −= α_i·b_i``.
 2. **Alternating refinement**, ``iters`` rounds, each: (a) the α's by least squares given the
    planes, the ``k×k`` normal equations ``(BᵀB)·α = Bᵀw`` (``BᵀB`` holds integers; solved by
-   an unrolled semidefinite LDLᵀ, so a singular system, two planes equal or opposite on the
-   whole group, takes one of its solutions instead of failing), then ``α ← |α|`` (flipping a
+   an unrolled semidefinite LDLᵀ, so a singular system, e.g. two planes equal or opposite on
+   the whole group, takes its basic solution: a plane that is a combination of earlier
+   planes over the group gets α = 0, the others their least squares), then ``α ← |α|`` (flipping a
    plane's sign gives the same values) rounded to ``scale_dtype``; (b) the planes given the
    α's: every element takes the code ``c ∈ [0, 2^k)`` whose value ``Σ_i α_i·(2·bit_i(c) − 1)``
    is nearest (exhaustive over the ``2^k ≤ 16`` values; ties to the higher code, so
@@ -50,7 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant import formats
-from jquant.errors import SpecError, at
+from jquant.errors import NonFiniteError, SpecError, at
 from jquant.qtensor import GroupLayout, QTensor
 from jquant.quantizers.registry import Method, register
 from jquant.quantizers.rtn import check_weight, layout_for, pack_qtensor
@@ -123,9 +124,10 @@ def nearest(x, valid, alpha):
 def solve_normal(M, rhs):
     """Solve ``M·α = rhs`` for symmetric positive semidefinite ``M`` ``(..., k, k)``, ``rhs``
     ``(..., k)``, by an unrolled LDLᵀ (``k ≤ 4``). A pivot at or below ``PIVOT_TOL`` times its
-    diagonal entry is taken as 0 and its component of the solution set by the other
-    equations, which for a consistent singular system (``rhs = Bᵀw``) is one of its
-    solutions (all give the same ``B·α``). Returns ``α`` ``(..., k)``, float32."""
+    diagonal entry is taken as 0: that unknown (a plane that is a combination of the
+    earlier ones) gets 0 and the others solve the rest, which for a consistent singular
+    system (``rhs = Bᵀw``) is its basic solution (every solution gives the same ``B·α``).
+    Returns ``α`` ``(..., k)``, float32."""
     k = M.shape[-1]
     L = [[None] * k for _ in range(k)]
     d, dinv = [None] * k, [None] * k
@@ -200,11 +202,13 @@ def bcq_solve(xg, iters, *, k: int, scale_dtype: str = "float16"):
       scale_dtype: storage dtype of the α's.
 
     Returns:
-      ``(alpha, codes, err, err_greedy, err0, rounds)``: stored-precision α's ``(G, k, R)``
-      (float32 values), the nearest codes ``(G, S, R)`` uint8 for them, each group's error
-      ``Σ(w − ŵ)²`` ``(G, 1, R)`` at the end, the error of the plain greedy fit (greedy
-      planes and α's), the error after the initialisation (greedy α's, nearest codes), and
-      the rounds run (int32).
+      ``(alpha, codes, err, err_greedy, err0, rounds, overflow)``: stored-precision α's
+      ``(G, k, R)`` (float32 values), the nearest codes ``(G, S, R)`` uint8 for them, each
+      group's error ``Σ(w − ŵ)²`` ``(G, 1, R)`` at the end, the error of the plain greedy fit
+      (greedy planes and α's), the error after the initialisation (greedy α's, nearest
+      codes), the rounds run (int32), and whether any α the solve computed (greedy or least
+      squares) overflowed ``scale_dtype`` (bool; the fit would then be bounded by the storage
+      dtype, which :func:`bcq_quantize` refuses).
     """
     valid = ~jnp.isnan(xg)
     x = jnp.where(valid, xg.astype(jnp.float32), 0.0)
@@ -214,33 +218,34 @@ def bcq_solve(xg, iters, *, k: int, scale_dtype: str = "float16"):
     c0, e0 = nearest(x, valid, a0)
 
     def cond(carry):
-        i, _, _, _, improved = carry
+        i, _, _, _, improved, _ = carry
         return (i < iters) & improved
 
     def body(carry):
-        i, a, c, e, _ = carry
+        i, a, c, e, _, over = carry
         a_new = refine_alpha(x, valid, c, k, scale_dtype)
+        over = over | ~jnp.all(jnp.isfinite(a_new))
         c_new, e_new = nearest(x, valid, a_new)
         take = e_new <= e  # (G, 1, R): accept only what does not increase the group's error
         a = jnp.where(take, a_new, a)
         c = jnp.where(take, c_new, c)
         improved = jnp.any(take & (e_new < e))
         e = jnp.where(take, e_new, e)
-        return i + 1, a, c, e, improved
+        return i + 1, a, c, e, improved, over
 
-    init = (jnp.int32(0), a0, c0, e0, jnp.bool_(True))
-    rounds, a, c, e, _ = lax.while_loop(cond, body, init)
-    return a, c, e, err_greedy, e0, rounds
+    init = (jnp.int32(0), a0, c0, e0, jnp.bool_(True), ~jnp.all(jnp.isfinite(a0)))
+    rounds, a, c, e, _, over = lax.while_loop(cond, body, init)
+    return a, c, e, err_greedy, e0, rounds, over
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "lay"))
 def _bcq(w, iters, *, spec: QuantSpec, lay: GroupLayout):
     xg = lay.to_groups(w.astype(jnp.float32))
-    a, c, e, eg, _, rounds = bcq_solve(xg, iters, k=spec.bits, scale_dtype=spec.scale_dtype)
+    a, c, e, eg, _, rounds, over = bcq_solve(xg, iters, k=spec.bits, scale_dtype=spec.scale_dtype)
     qt = pack_qtensor(lay.from_groups(c), a[:, :1, :], None, lay, spec, w.dtype, method="bcq")
     scale = jnp.stack([lay.params_to_stored(a[:, i : i + 1, :]) for i in range(spec.bits)])  # (k,) + param_shape
     qt = dataclasses.replace(qt, scale=scale.astype(spec.scale_dtype))
-    return qt, jnp.sum(e), jnp.sum(eg), rounds
+    return qt, jnp.sum(e), jnp.sum(eg), rounds, over, jnp.max(jnp.abs(w)).astype(jnp.float32)
 
 
 def bcq_quantize(w, spec: QuantSpec, *, path: str | None = None) -> tuple[QTensor, dict]:
@@ -259,14 +264,20 @@ def bcq_quantize(w, spec: QuantSpec, *, path: str | None = None) -> tuple[QTenso
       SpecError: a format other than ``bcq``, bits outside 1–4, or bad options.
       ShapeError: a group larger than the axis, an empty array or a scalar.
       DTypeError, NonFiniteError: a non-floating weight, or NaN/Inf in it; NonFiniteError
-        also when an α overflows ``scale_dtype`` (checked by ``quantize_weight``).
+        also when an α the solve computes overflows ``scale_dtype`` (the fit would be
+        bounded by it: use ``scale_dtype='float32'``), or a group's α's all underflow to 0
+        (checked by ``quantize_weight``).
     """
     _check(spec, path)
     opts = get_options(spec)
     w = jnp.asarray(w)
     check_weight(w, path)
     lay = layout_for(w.shape, spec, path)
-    qt, e, eg, rounds = _bcq(w, jnp.int32(opts.iters), spec=spec, lay=lay)
+    qt, e, eg, rounds, over, big = _bcq(w, jnp.int32(opts.iters), spec=spec, lay=lay)
+    if bool(over):
+        raise NonFiniteError(at(path, f"BCQ α's overflow {spec.scale_dtype} (largest finite "
+                                      f"{float(jnp.finfo(spec.scale_dtype).max):.6g}); the weight's largest |w| is "
+                                      f"{float(big):.6g}; use scale_dtype='float32' in the QuantSpec"))
     n = max(w.size, 1)
     return qt, {"loss": float(e) / n, "loss_greedy": float(eg) / n, "iters": int(rounds)}
 
