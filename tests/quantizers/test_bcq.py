@@ -161,13 +161,13 @@ def test_error_never_increases_across_rounds():
 
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_beats_plain_greedy(k):
-    w = weights("normal", (512, 64), seed=3).astype(np.float64)
+    w = weights("normal", (320, 48), seed=3).astype(np.float64)  # the reference test's shape and spec: one compile
     xg = grouped(w, 128)
     valid = ~np.isnan(xg)
     x = np.where(valid, xg, 0)
     ga, gc = greedy_ref(x, valid, k)
-    greedy_err = np.sum((x - np.einsum("gsnk,gkn->gsn", signs_of(gc, k), ga)) ** 2)
-    qt, info = quantize_weight(jnp.asarray(w, jnp.float32), spec(k), path="w")
+    greedy_err = np.sum(np.where(valid, x - np.einsum("gsnk,gkn->gsn", signs_of(gc, k), ga), 0) ** 2)
+    qt, info = quantize_weight(jnp.asarray(w, jnp.float32), spec(k, options={"iters": 15}), path="w")
     err = np.sum((np.asarray(qt.dequantize(jnp.float32), np.float64) - w) ** 2)
     assert err < 0.93 * greedy_err
     assert info["loss_greedy"] == pytest.approx(greedy_err / w.size, rel=1e-4)
@@ -178,22 +178,22 @@ def test_beats_plain_greedy(k):
 
 
 def test_one_plane_is_sign_times_mean_abs():
-    w = weights("normal", (200, 40), seed=5)
+    w = weights("normal", (320, 48), seed=5)
     w[::7, ::3] = 0.0  # sign(0) = +1
-    qt, _ = quantize_weight(jnp.asarray(w), spec(1, group_size=64), path="w")
-    binary = jq.quantize(jnp.asarray(w), jq.QuantSpec(format="binary", group_size=64))
+    qt, _ = quantize_weight(jnp.asarray(w), spec(1, options={"iters": 15}), path="w")
+    binary = jq.quantize(jnp.asarray(w), jq.QuantSpec(format="binary", group_size=128))
     np.testing.assert_array_equal(np.asarray(qt.scale[0]), np.asarray(binary.scale))  # β = mean|w|, stored
     np.testing.assert_array_equal(np.asarray(qt.unpacked_codes()), (w >= 0).astype(np.uint8))
-    beta = np.repeat(np.asarray(binary.scale, np.float32), 64, axis=0)[:200]
+    beta = np.repeat(np.asarray(binary.scale, np.float32), 128, axis=0)[:320]
     np.testing.assert_array_equal(np.asarray(qt.dequantize()), np.where(w >= 0, beta, -beta))
 
 
 def test_storage_layout_and_dequantize_formula():
-    w = weights("normal", (576, 24), seed=1)
+    w = weights("normal", (576, 16), seed=1)
     qt, _ = quantize_weight(jnp.asarray(w, jnp.bfloat16), spec(3), path="w")
-    assert qt.scale.shape == (3, 5, 24) and qt.scale.dtype == jnp.float16 and qt.zero is None
-    assert qt.codes.shape == (3 * 576 // 32, 24) and qt.codes.dtype == jnp.uint32 and qt.bits == 3
-    assert qt.dequantize().dtype == jnp.bfloat16 and qt.dequantize().shape == (576, 24)
+    assert qt.scale.shape == (3, 5, 16) and qt.scale.dtype == jnp.float16 and qt.zero is None
+    assert qt.codes.shape == (3 * 576 // 32, 16) and qt.codes.dtype == jnp.uint32 and qt.bits == 3
+    assert qt.dequantize().dtype == jnp.bfloat16 and qt.dequantize().shape == (576, 16)
     c = np.asarray(qt.unpacked_codes()).astype(np.int64)
     a = np.repeat(np.asarray(qt.scale, np.float64), 128, axis=1)[:, :576]  # (3, K, N)
     want = sum(a[i] * (((c >> i) & 1) * 2 - 1) for i in range(3))
@@ -242,18 +242,18 @@ def test_tree_checkpoint_summary_and_matmul_fallback(tmp_path):
 
 
 def test_jit_and_no_jit_agree():
-    w = jnp.asarray(weights("t2", (96, 16), seed=9))
-    qt, info = quantize_weight(w, spec(2, group_size=32, options={"iters": 4}), path="w")
+    w = jnp.asarray(weights("t2", (40, 8), seed=9))
+    qt, info = quantize_weight(w, spec(2, group_size=16, options={"iters": 3}), path="w")
     with jax.disable_jit():
-        qn, infon = quantize_weight(w, spec(2, group_size=32, options={"iters": 4}), path="w")
+        qn, infon = quantize_weight(w, spec(2, group_size=16, options={"iters": 3}), path="w")
     np.testing.assert_array_equal(np.asarray(qt.codes), np.asarray(qn.codes))
     np.testing.assert_array_equal(np.asarray(qt.scale), np.asarray(qn.scale))
     assert info["iters"] == infon["iters"] and info["loss"] == pytest.approx(infon["loss"], rel=1e-6)
     # the solve is traceable inside a caller's jit, rounds included
-    xg = jnp.asarray(grouped(np.asarray(w), 32), jnp.float32)
+    xg = jnp.asarray(grouped(np.asarray(w), 16), jnp.float32)
     f = jax.jit(lambda x, n: bcq.bcq_solve(x, n, k=2)[2].sum())
-    assert float(f(xg, 4)) == pytest.approx(info["loss"] * w.size, rel=1e-6)
-    assert float(f(xg, 0)) >= float(f(xg, 4))
+    assert float(f(xg, 3)) == pytest.approx(info["loss"] * w.size, rel=1e-6)
+    assert float(f(xg, 0)) >= float(f(xg, 3))
 
 
 def test_errors_name_the_leaf():
@@ -292,9 +292,9 @@ def test_errors_name_the_leaf():
 
 
 def test_zero_and_constant_groups():
-    w = np.zeros((64, 6), np.float32)
+    w = np.zeros((64, 8), np.float32)
     w[:, 1] = 0.5  # one value: the later planes' α's are 0, the group is exact
     w[:32, 2] = np.where(np.arange(32) % 2, 1.0, -1.0)  # ±1: singular normal equations in every round
-    qt, info = quantize_weight(jnp.asarray(w), spec(3, group_size=32), path="w")
+    qt, info = quantize_weight(jnp.asarray(w), spec(2, group_size=32), path="w")
     np.testing.assert_array_equal(np.asarray(qt.dequantize()), w)
     assert info["loss"] == 0.0
