@@ -20,6 +20,9 @@ Formats and their dequantization ``x̂(c)`` (``s`` scale, ``z`` integer zero, ``
 ``binary``      1    x̂ = (2c − 1)·β, c = [x ≥ α], α = mean(x), β = mean|x| (BitNet, arXiv:2310.11453)
 ``ternary``     2    x̂ = (c − 1)·γ, c − 1 = clip(round(x/γ), −1, 1), γ = mean|x| (BitNet b1.58 absmean,
                       arXiv:2402.17764)
+``bcq``        1–4   x̂ = Σ_{i<b} α_i·(2·bit_i(c) − 1): b binary planes, α_i ≥ 0 per group, the scale
+                      stored with a leading plane axis ``(b,) + param_shape`` (binary-coding
+                      quantization, arXiv:1802.00150; method ``bcq``, :mod:`jquant.quantizers.bcq`)
 =============  ====  ======================================================================
 
 Codes are always computed from the scale *as stored* (rounded to ``scale_dtype``), so the
@@ -40,7 +43,10 @@ import numpy as np
 GRID_FORMATS = ("int", "nf4", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "binary", "ternary")
 # GGUF block types, byte for byte llama.cpp's (see jquant.quantizers.kquant; bits are nominal).
 GGML_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
-FORMATS = GRID_FORMATS + GGML_FORMATS
+# Binary-coding quantization: sums of ±α_i bit planes, fitted by jquant.quantizers.bcq alone.
+BCQ_FORMATS = ("bcq",)
+BCQ_MAX_BITS = 4
+FORMATS = GRID_FORMATS + GGML_FORMATS + BCQ_FORMATS
 FIXED_BITS = {"nf4": 4, "fp4_e2m1": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "binary": 1, "ternary": 2,
               "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5,
               "q6_k": 6}
@@ -206,8 +212,14 @@ def encode(x, scale, zero, grid: Grid):
 
 
 def decode(codes, scale, zero, grid: Grid):
-    """Float32 values of ``codes`` (the dequantization formula of each format)."""
+    """Float32 values of ``codes`` (the dequantization formula of each format).
+
+    For ``bcq`` the scale has a leading plane axis: ``scale[i]`` (broadcasting against
+    ``codes``) is plane ``i``'s α, and ``zero`` is unused.
+    """
     fmt, bits, symmetric, _, zero_type, _ = grid
+    if fmt == "bcq":
+        return bcq_decode(codes, scale, bits)
     c = codes.astype(jnp.float32)
     if fmt == "int":
         if symmetric:
@@ -238,3 +250,16 @@ def quantize_meanabs(x, grid: Grid):
     q = jnp.clip(jnp.round(div(x, jnp.maximum(gamma, 1e-8))), -1, 1)
     c = jnp.where(jnp.isnan(q), 0, q + 1).astype(jnp.uint8)
     return c, gamma
+
+
+def bcq_decode(codes, alphas, bits: int):
+    """``Σ_{i<bits} α_i·(2·bit_i(c) − 1)`` in float32: bit ``i`` of each code is bit plane
+    ``i`` (+1 when set, −1 when clear); ``alphas[i]`` broadcasts against ``codes``.
+    The sum runs plane 0 first, the order the quantizer computes its error in."""
+    c = codes.astype(jnp.uint32)
+    a = jnp.asarray(alphas).astype(jnp.float32)
+    out = None
+    for i in range(bits):
+        b = (((c >> i) & 1).astype(jnp.float32) * 2.0 - 1.0) * a[i]
+        out = b if out is None else out + b
+    return out

@@ -114,7 +114,8 @@ class QTensor:
 
     Children (arrays): ``codes`` (packed uint32/uint8; for the GGML block formats uint8
     ``(K / QK · type_size, N)``, column ``n`` the GGUF blocks of row ``n``, with ``scale``
-    and ``zero`` None: see :mod:`jquant.quantizers.kquant`), ``scale``, ``zero`` (integer zero
+    and ``zero`` None: see :mod:`jquant.quantizers.kquant`), ``scale`` (for ``bcq``
+    ``(bits,) + param_shape``, one α per bit plane: see :mod:`jquant.quantizers.bcq`), ``zero`` (integer zero
     point as uint8, or float minimum; None for symmetric grids), ``g_idx`` (int32, act-order;
     None when groups are contiguous), ``perm`` (int32: stored row ``j`` along ``axis`` is
     logical row ``perm[j]``; None when rows are stored in order).
@@ -169,7 +170,7 @@ class QTensor:
         return 8.0 * self.nbytes / max(self.size, 1)
 
     def __repr__(self) -> str:
-        return (f"QTensor({self.format}{self.bits if self.format == 'int' else ''} "
+        return (f"QTensor({self.format}{self.bits if self.format in ('int', 'bcq') else ''} "
                 f"{self.granularity}{self.group_size if self.granularity == 'group' else ''}, "
                 f"shape={self.shape}, dtype={self.dtype}, {self.bits_per_weight:.3f} bits/weight)")
 
@@ -199,6 +200,9 @@ class QTensor:
             zero = None if zero is None else jnp.take(zero, self.g_idx, axis=self.axis)
             return formats.decode(codes, scale, zero, self.grid).astype(dtype)
         cg = lay.to_groups(codes, pad_value=0)
+        if self.grid.fmt == "bcq":  # scale (bits,) + param_shape: one α per bit plane and group
+            sg = jnp.stack([lay.params_from_stored(scale[i]) for i in range(self.bits)])
+            return lay.from_groups(formats.decode(cg, sg, None, self.grid)).astype(dtype)
         sg = lay.params_from_stored(scale)
         zg = None if zero is None else lay.params_from_stored(zero)
         return lay.from_groups(formats.decode(cg, sg, zg, self.grid)).astype(dtype)

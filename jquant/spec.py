@@ -30,11 +30,13 @@ class QuantSpec:
     """How to quantize one weight. Validates itself on construction.
 
     Attributes:
-      format: ``int``, ``nf4``, ``fp4_e2m1``, ``fp8_e4m3``, ``fp8_e5m2``, ``binary``, ``ternary``, or a
+      format: ``int``, ``nf4``, ``fp4_e2m1``, ``fp8_e4m3``, ``fp8_e5m2``, ``binary``, ``ternary``,
+        ``bcq`` (binary-coding quantization, method ``bcq``), or a
         GGUF block type (``q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k``, method ``kquant``),
         which fixes bits, blocks and zero itself: granularity, group_size, symmetric and
         zero_type are then ignored.
-      bits: code width (1–8) for ``int``; fixed by the other formats (may be left None).
+      bits: code width (1–8) for ``int``, number of bit planes (1–4) for ``bcq``; fixed by the
+        other formats (may be left None).
       granularity: ``tensor`` (one scale), ``channel`` (one per output column, i.e. per slice
         across the reduction axis) or ``group`` (``group_size`` consecutive inputs share one).
       group_size: inputs per group along ``axis`` (``group`` only); a ragged last group is fine.
@@ -142,7 +144,7 @@ class QuantSpec:
 
     def describe(self) -> str:
         """A short human name, e.g. ``int4 g128 asym`` or ``nf4 channel``."""
-        name = f"{self.format}{self.bits}" if self.format == "int" else self.format
+        name = f"{self.format}{self.bits}" if self.format in ("int", "bcq") else self.format
         if self.format in GGML_FORMATS:  # the block type fixes granularity and zero
             return " ".join([self.method, name] if self.method != "rtn" else [name])
         gran = {"group": f"g{self.group_size}", "channel": "channel", "tensor": "tensor"}[self.granularity]

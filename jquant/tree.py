@@ -127,7 +127,7 @@ class TreeSummary:
 
 def _describe(q: QTensor) -> str:
     g = q.grid
-    name = f"{g.fmt}{g.bits}" if g.fmt == "int" else g.fmt
+    name = f"{g.fmt}{g.bits}" if g.fmt in ("int", "bcq") else g.fmt
     gran = f"g{q.group_size}" if q.granularity == "group" else q.granularity
     extra = "" if g.fmt != "int" else (" sym" if g.symmetric else (" asym" if g.zero_type == "int" else " asym-fmin"))
     return f"{q.method} {name} {gran}{extra}" if q.method != "rtn" else f"{name} {gran}{extra}"

@@ -49,6 +49,8 @@ def decode_kind(qt: QTensor) -> str:
     g = qt.grid
     if g.fmt in GGML_FORMATS:
         raise KernelUnsupported(f"GGUF block format {g.fmt!r} has no packed kernel (dequantized through XLA)")
+    if g.fmt == "bcq":
+        raise KernelUnsupported("bcq (binary-coding) weights have no packed kernel (dequantized through XLA)")
     if g.fmt == "int":
         if g.symmetric:
             return "sym"
@@ -62,7 +64,7 @@ def kernel_weight(qt: QTensor) -> KernelWeight:
     """Check ``qt`` fits the packed kernels and return it in kernel shape."""
     if not isinstance(qt, QTensor):
         raise KernelUnsupported(f"expected a QTensor, got {type(qt).__name__}")
-    if qt.grid.fmt in GGML_FORMATS:  # GGUF blocks: refused before the layout checks read scale/codes
+    if qt.grid.fmt in GGML_FORMATS + ("bcq",):  # refused before the layout checks read scale/codes
         decode_kind(qt)
     if len(qt.shape) != 2 or qt.axis != 0:
         raise KernelUnsupported(f"kernels take 2-D (K, N) weights packed along axis 0; got shape {qt.shape} "

@@ -202,6 +202,8 @@ def check_stored(qt, w, path: str | None = None) -> None:
                                           f"{float(jnp.finfo(arr.dtype).max):.6g}); the weight's largest |w| is "
                                           f"{big:.6g}; use scale_dtype='float32' in the QuantSpec"))
     zeros = qt.scale == 0
+    if qt.grid.fmt == "bcq":  # one α per bit plane: a group is lost only when all its α's are 0
+        zeros = jnp.all(zeros, axis=0)
     if bool(jnp.any(zeros)):
         lay = qt.layout
         wf = jnp.asarray(w, jnp.float32)
