@@ -9,13 +9,14 @@ method      what it does                                                 statist
 ``awq``     activation-aware scales folded into the preceding op, then   ``act_abs_mean``, ``hessian``
             RTN or GPTQ (arXiv:2306.00978)
 ``kquant``  GGUF block types Q4_0..Q8_0, k-quants Q2_K..Q6_K (llama.cpp) ``act_sq_mean`` (imatrix only)
+``blockfloat`` OCP MX (MXFP4, MXFP8) and NVIDIA NVFP4 block-scaled floats    none
 ==========  ===========================================================  ==============================
 
 ``quantize(w, spec, stats=None)`` runs whichever method ``spec.method`` names; the
 calibration pipeline collects the statistics a method declares (:mod:`.stats`).
 """
 
-from jquant.quantizers import awq, gptq, hqq, kquant, rtn  # noqa: F401  (each registers its method)
+from jquant.quantizers import awq, blockfloat, gptq, hqq, kquant, rtn  # noqa: F401  (each registers its method)
 from jquant.quantizers.registry import Method, available, get, needs_data, quantize_weight, register
 from jquant.quantizers.stats import STATISTICS, collect
 
