@@ -51,7 +51,7 @@ element ``j + 8`` high nibble), so the input length must be a multiple of 64, an
 ``dequantize`` equals gguf-py's NVFP4 dequantizer times ``s`` bit for bit. llama.cpp's NVFP4
 has no tensor scale (its ``quantize_row_nvfp4_ref`` takes ``b = UE4M3(amax_block / 6)``, so
 typical weights' scales sit in E4M3's subnormal range) and its ``ggml_fp32_to_ue4m3`` rounds
-ties up and maps every value in ``[256, 448)`` to 448; jquant follows NVIDIA's two-level
+ties up and maps every value from 248 up (all that round to 256 or more) to 448; jquant follows NVIDIA's two-level
 recipe instead (the tensor scale is the QTensor's ``scale`` child; with ``s = 1`` the bytes
 are valid llama.cpp blocks) and rounds scales to nearest even as E4M3 casts do. Elements
 round to nearest even (NVIDIA's ``cvt.rn.satfinite.e2m1x2``).
