@@ -208,19 +208,34 @@ def _e8m0_half(e):
 
 def e2m1_nearest_first(x, d_half):
     """llama.cpp's ``best_index_mxfp4``: the code whose ``|d_half · kvalue − x|`` (float32) is
-    smallest, the first code winning ties. ``x`` ``(B, n)``, ``d_half`` ``(B, 1)``."""
-    errs = jnp.abs(d_half[..., None] * jnp.asarray(KVALUES) - x[..., None])
-    return jnp.argmin(errs, axis=-1).astype(jnp.int32)
+    smallest, the first code in :data:`KVALUES` winning ties. ``x`` ``(B, n)``, ``d_half``
+    ``(B, 1)``.
+
+    Computed without the 16-way search (memory stays elementwise): the first-wins minimum is
+    the nearest magnitude with ties to the smaller one (``+0`` for zero and for a tie at
+    ``−d/2``), because the float32 errors ``|d·k − |x||`` fall strictly up to the nearest entry
+    and rise strictly after it (their gaps, multiples of ``d``, dwarf their rounding); so the
+    magnitude code counts the steps where the next entry's error is strictly smaller."""
+    a = jnp.abs(x)
+    mags = KVALUES[:8]
+    err = lambda k: jnp.abs(d_half * np.float32(mags[k]) - a)  # noqa: E731
+    c = jnp.zeros(x.shape, jnp.int32)
+    prev = err(0)
+    for k in range(1, 8):
+        cur = err(k)
+        c = c + (cur < prev).astype(jnp.int32)
+        prev = cur
+    return jnp.where((x < 0) & (c > 0), c | 8, c)
 
 
 def e2m1_rne(y):
     """E2M1 codes of ``y`` (already divided by its scale), round to nearest even, saturating
     to ±6; zero magnitudes get code 0 (+0)."""
     a = jnp.abs(y)
-    mids = jnp.asarray(_E2M1_MIDS)
-    upper_even = (jnp.arange(1, 8) % 2 == 0)  # a tie at mids[i] goes to code i + 1 when it is even
-    up = (a[..., None] > mids) | ((a[..., None] == mids) & upper_even)
-    c = jnp.sum(up, axis=-1).astype(jnp.int32)
+    c = jnp.zeros(y.shape, jnp.int32)
+    for i, m in enumerate(_E2M1_MIDS):  # a tie at mids[i] goes to code i + 1 when it is even
+        up = (a > m) | (a == m) if (i + 1) % 2 == 0 else a > m
+        c = c + up.astype(jnp.int32)
     return jnp.where((y < 0) & (c > 0), c | 8, c)
 
 

@@ -109,6 +109,21 @@ def test_mxfp4_bytes_and_values_equal_gguf(x):
     _same_bits(bf.dequantize_blocks(ours, "mxfp4", x.shape[1]), gguf.quants.dequantize(theirs, T.MXFP4))
 
 
+def test_mxfp4_near_midpoints_bytes_equal_gguf():
+    # values within a few ulps of every E2M1 midpoint (both signs, many scales 2^e): where the
+    # float32 errors |d·k − x| tie or nearly tie; column 0 (6·2^e) fixes each block's scale at 2^e
+    rng = np.random.default_rng(9)
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+    scale = np.float32(2.0) ** rng.integers(-20, 20, (64, 1)).astype(np.float32)
+    v = mids[rng.integers(0, 7, (64, 31))] * scale
+    v = (v.view(np.int32) + rng.integers(-3, 4, v.shape).astype(np.int32)).view(np.float32)
+    v = v * np.where(rng.random(v.shape) < 0.5, -1, 1).astype(np.float32)
+    x = np.concatenate([6 * scale, v], axis=1)
+    ours = np.asarray(bf.quantize_blocks(x, "mxfp4"))
+    np.testing.assert_array_equal(ours[:, 0], 127 + np.log2(scale[:, 0]).astype(int))
+    np.testing.assert_array_equal(ours, gguf.quants.quantize(x, T.MXFP4))
+
+
 def test_mxfp4_exponent_equals_float32_log2_at_power_of_two_boundaries():
     # every float32 up to 512 ulps below 2^k: where float32 log2 rounds up to k
     v = np.concatenate([(np.array([np.float32(2.0) ** k]).view(np.uint32) - np.arange(1, 513, dtype=np.uint32))
