@@ -25,7 +25,8 @@ E8M0 is a biased exponent: byte ``e`` is ``2^(e − 127)`` (127 = 2^0, 255 = NaN
 nearest even), element ``E2M1(x / (b·s))``; dequantized ``E2M1·b·s``.
 
 **MXFP4 follows llama.cpp / gguf-py byte for byte** (``quantize_row_mxfp4_ref`` and
-``gguf.quants.MXFP4``), which differs from the OCP rule in three places:
+``gguf.quants.MXFP4``; the tests check against gguf-py, whose formula is the C code's), which
+differs from the OCP rule in three places:
 
 - the exponent is ``floor(log2f(amax))`` with a float32 ``log2``: for ``amax`` just below a
   power of two (within about ``|k|·2^-24`` relative, ``k = log2 amax``) the float32 logarithm
@@ -34,9 +35,9 @@ nearest even), element ``E2M1(x / (b·s))``; dequantized ``E2M1·b·s``.
   correctly rounded float32 ``log2`` (:data:`_LOG2F_BUMP`; NumPy's and glibc's ``log2f`` are
   correctly rounded on every float32 just below a power of two, which the tests check);
 - elements are the codebook entry nearest to ``x`` (``|d·k − x|`` in float32), the first
-  entry winning ties, so a tie goes to the smaller magnitude (OCP: to the even code;
-  ``x/2^e = 0.75`` is 0.5 here, 1.0 in the spec; ``1.75``: 1.5 vs 2; ``2.5``: 2 vs 2;
-  ``3.5``: 3 vs 4; ``5``: 4 vs 4);
+  entry winning ties, so a tie goes to the smaller magnitude (OCP: to the even code). For
+  ``x / 2^shared_exp`` = 0.75, 1.75, 3.5 this gives 0.5, 1.5, 3 where the spec gives 1, 2, 4
+  (at 0.25, 1.25, 2.5, 5 both give the smaller);
 - blocks with ``amax < 2^-125`` store exponent byte 0 here; gguf-py casts the negative
   exponent to uint8 (platform-defined). Such blocks (and byte 0/1 exponents, which need
   float32 subnormals that XLA's CPU backend flushes to zero) are outside the byte-exact
@@ -50,11 +51,14 @@ quantizer writes it.
 element ``j + 8`` high nibble), so the input length must be a multiple of 64, and
 ``dequantize`` equals gguf-py's NVFP4 dequantizer times ``s`` bit for bit. llama.cpp's NVFP4
 has no tensor scale (its ``quantize_row_nvfp4_ref`` takes ``b = UE4M3(amax_block / 6)``, so
-typical weights' scales sit in E4M3's subnormal range) and its ``ggml_fp32_to_ue4m3`` rounds
-ties up and maps every value from 248 up (all that round to 256 or more) to 448; jquant follows NVIDIA's two-level
-recipe instead (the tensor scale is the QTensor's ``scale`` child; with ``s = 1`` the bytes
-are valid llama.cpp blocks) and rounds scales to nearest even as E4M3 casts do. Elements
-round to nearest even (NVIDIA's ``cvt.rn.satfinite.e2m1x2``).
+typical weights' scales sit in E4M3's subnormal range), and its ``ggml_fp32_to_ue4m3``
+(gguf-py's ``fp32_to_ue4m3``) rounds ties up, writes 448 for every value from 248 up (all
+that round to 256 or more) and 7·2^-9 for the subnormals that round to 2^-6. jquant follows
+NVIDIA's two-level recipe instead (the tensor scale is the QTensor's ``scale`` child; with
+``s = 1`` the bytes are valid llama.cpp blocks), rounds block scales to nearest even as E4M3
+casts do (equal to gguf-py's encoder below 248 except at ties, which the tests check), and
+elements to nearest even (NVIDIA's ``cvt.rn.satfinite.e2m1x2``). A block whose scale rounds
+to 0 (``amax_block < 2^-10 / 448 · amax_tensor``) dequantizes to zeros.
 
 **MXFP8** has no GGUF type; its blocks use the same pattern (E8M0 byte, then the 32 codes
 in order: E4M3 or E5M2 bytes as ``ml_dtypes`` stores them).
