@@ -46,8 +46,12 @@ GGML_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", 
 # Binary-coding quantization: sums of ±α_i bit planes, fitted by jquant.quantizers.bcq alone.
 BCQ_FORMATS = ("bcq",)
 BCQ_MAX_BITS = 4
-FORMATS = GRID_FORMATS + GGML_FORMATS + BCQ_FORMATS
-FIXED_BITS = {"nf4": 4, "fp4_e2m1": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "binary": 1, "ternary": 2,
+# Block-scaled floats: OCP MX (E8M0 scale per 32) and NVIDIA NVFP4 (E4M3 scale per 16 plus a
+# float32 tensor scale); codes are block bytes (see jquant.quantizers.blockfloat).
+BLOCKFLOAT_FORMATS = ("mxfp4", "mxfp8_e4m3", "mxfp8_e5m2", "nvfp4")
+FORMATS = GRID_FORMATS + GGML_FORMATS + BCQ_FORMATS + BLOCKFLOAT_FORMATS
+FIXED_BITS = {"mxfp4": 4, "mxfp8_e4m3": 8, "mxfp8_e5m2": 8, "nvfp4": 4,
+              "nf4": 4, "fp4_e2m1": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "binary": 1, "ternary": 2,
               "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5,
               "q6_k": 6}
 CODEBOOK_FORMATS = ("nf4", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2")

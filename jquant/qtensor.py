@@ -114,7 +114,9 @@ class QTensor:
 
     Children (arrays): ``codes`` (packed uint32/uint8; for the GGML block formats uint8
     ``(K / QK · type_size, N)``, column ``n`` the GGUF blocks of row ``n``, with ``scale``
-    and ``zero`` None: see :mod:`jquant.quantizers.kquant`), ``scale`` (for ``bcq``
+    and ``zero`` None: see :mod:`jquant.quantizers.kquant`; for the block-scaled floats
+    ``mxfp4 mxfp8_* nvfp4`` likewise block bytes, ``scale`` None or NVFP4's float32 ``(1, 1)``
+    tensor scale: see :mod:`jquant.quantizers.blockfloat`), ``scale`` (for ``bcq``
     ``(bits,) + param_shape``, one α per bit plane: see :mod:`jquant.quantizers.bcq`), ``zero`` (integer zero
     point as uint8, or float minimum; None for symmetric grids), ``g_idx`` (int32, act-order;
     None when groups are contiguous), ``perm`` (int32: stored row ``j`` along ``axis`` is
@@ -187,6 +189,10 @@ class QTensor:
             from jquant.quantizers import kquant
 
             return kquant.dequantize_qtensor(self, dtype)
+        if self.grid.fmt in formats.BLOCKFLOAT_FORMATS:  # MX / NVFP4 blocks (+ NVFP4's tensor scale)
+            from jquant.quantizers import blockfloat
+
+            return blockfloat.dequantize_qtensor(self, dtype)
         if self.perm is not None:  # stored rows are permuted: dequantize them, then put them back
             stored = dataclasses.replace(self, perm=None).dequantize(dtype)
             return jnp.take(stored, jnp.argsort(self.perm), axis=self.axis)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from jquant.errors import SpecError
-from jquant.formats import FIXED_BITS, FORMATS, GGML_FORMATS, RANGE_FORMATS, Grid
+from jquant.formats import BLOCKFLOAT_FORMATS, FIXED_BITS, FORMATS, GGML_FORMATS, RANGE_FORMATS, Grid
 
 GRANULARITIES = ("tensor", "channel", "group")
 RANGES = ("minmax", "percentile", "mse", "kl")
@@ -34,7 +34,8 @@ class QuantSpec:
         ``bcq`` (binary-coding quantization, method ``bcq``), or a
         GGUF block type (``q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k``, method ``kquant``),
         which fixes bits, blocks and zero itself: granularity, group_size, symmetric and
-        zero_type are then ignored.
+        zero_type are then ignored; or a block-scaled float (``mxfp4 mxfp8_e4m3 mxfp8_e5m2 nvfp4``,
+        method ``blockfloat``), likewise fixed by its format.
       bits: code width (1–8) for ``int``, number of bit planes (1–4) for ``bcq``; fixed by the
         other formats (may be left None).
       granularity: ``tensor`` (one scale), ``channel`` (one per output column, i.e. per slice
@@ -145,7 +146,7 @@ class QuantSpec:
     def describe(self) -> str:
         """A short human name, e.g. ``int4 g128 asym`` or ``nf4 channel``."""
         name = f"{self.format}{self.bits}" if self.format in ("int", "bcq") else self.format
-        if self.format in GGML_FORMATS:  # the block type fixes granularity and zero
+        if self.format in GGML_FORMATS + BLOCKFLOAT_FORMATS:  # the block type fixes granularity and zero
             return " ".join([self.method, name] if self.method != "rtn" else [name])
         gran = {"group": f"g{self.group_size}", "channel": "channel", "tensor": "tensor"}[self.granularity]
         parts = [name, gran]

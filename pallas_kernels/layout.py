@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jquant.errors import ShapeError
-from jquant.formats import GGML_FORMATS, Grid
+from jquant.formats import BLOCKFLOAT_FORMATS, GGML_FORMATS, Grid
 from jquant.qtensor import QTensor
 from pallas_kernels.unpack import block_layout
 
@@ -51,6 +51,8 @@ def decode_kind(qt: QTensor) -> str:
         raise KernelUnsupported(f"GGUF block format {g.fmt!r} has no packed kernel (dequantized through XLA)")
     if g.fmt == "bcq":
         raise KernelUnsupported("bcq (binary-coding) weights have no packed kernel (dequantized through XLA)")
+    if g.fmt in BLOCKFLOAT_FORMATS:
+        raise KernelUnsupported(f"block-scaled float format {g.fmt!r} has no packed kernel (dequantized through XLA)")
     if g.fmt == "int":
         if g.symmetric:
             return "sym"
@@ -64,7 +66,7 @@ def kernel_weight(qt: QTensor) -> KernelWeight:
     """Check ``qt`` fits the packed kernels and return it in kernel shape."""
     if not isinstance(qt, QTensor):
         raise KernelUnsupported(f"expected a QTensor, got {type(qt).__name__}")
-    if qt.grid.fmt in GGML_FORMATS + ("bcq",):  # refused before the layout checks read scale/codes
+    if qt.grid.fmt in GGML_FORMATS + BLOCKFLOAT_FORMATS + ("bcq",):  # refused before the layout checks read scale/codes
         decode_kind(qt)
     if len(qt.shape) != 2 or qt.axis != 0:
         raise KernelUnsupported(f"kernels take 2-D (K, N) weights packed along axis 0; got shape {qt.shape} "
