@@ -85,6 +85,16 @@ ROWS = {
     "hqq_w2": ("W2 g32", "HQQ (jquant, integer zero)", _int(2, 32, "hqq")),
     "peer_hqq_w2": ("W2 g32", "hqq package", ("peer:hqq", 2, 32)),
     "gptq_w2": ("W2 g32", "GPTQ act-order static", _gptq(2, 32)),
+    "rtn_w8": ("W8 chan", "RTN int8 per channel", {"format": "int", "bits": 8, "granularity": "channel",
+                                                  "symmetric": True}),
+    "outliers_w8": ("W8 chan", "LLM.int8 outliers (> 6.0) + int8", {"format": "int", "bits": 8, "granularity": "channel",
+                                                                   "symmetric": True, "method": "outliers",
+                                                                   "options": {"threshold": 6.0}}),
+    "bcq_w3": ("W3 g128", "BCQ 3 planes", {"format": "bcq", "bits": 3, "group_size": 128, "method": "bcq"}),
+    "rtn_w3_g128": ("W3 g128", "RTN (integer zero)", _int(3, 128)),
+    "mxfp4": ("block fp", "MXFP4 (E8M0 per 32)", {"format": "mxfp4", "method": "blockfloat"}),
+    "nvfp4": ("block fp", "NVFP4 (E4M3 per 16 + tensor)", {"format": "nvfp4", "method": "blockfloat"}),
+    "mxfp8": ("block fp", "MXFP8 E4M3", {"format": "mxfp8_e4m3", "method": "blockfloat"}),
     # GGUF types: the default model's inputs of 576 are not a multiple of 256, so the k-quants
     # fall back on those linears as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
     # Q2_K/Q3_K -> Q4_0); down_proj (1536 inputs) keeps the k-quant.

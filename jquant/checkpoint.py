@@ -23,7 +23,7 @@ from jquant.qtensor import QTensor, is_qtensor
 from jquant.spec import path_str
 
 FORMAT_VERSION = 1
-_PARTS = ("codes", "scale", "zero", "g_idx", "perm")
+_PARTS = ("codes", "scale", "zero", "g_idx", "perm", "outlier_idx", "outlier_w")
 
 
 def _key_json(k) -> list:
@@ -169,7 +169,8 @@ def restore(path: str | os.PathLike, *, target=None,
             values.append(QTensor(parts["codes"], parts.get("scale"), parts.get("zero"), parts.get("g_idx"),
                                   shape=tuple(m["shape"]), dtype=m["dtype"], grid=Grid(**m["grid"]),
                                   granularity=m["granularity"], group_size=m["group_size"], axis=m["axis"],
-                                  word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm")))
+                                  word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm"),
+                                  outlier_idx=parts.get("outlier_idx"), outlier_w=parts.get("outlier_w")))
         elif "array" in e:
             values.append(arrays[name])
         else:

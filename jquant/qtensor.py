@@ -120,7 +120,10 @@ class QTensor:
     ``(bits,) + param_shape``, one α per bit plane: see :mod:`jquant.quantizers.bcq`), ``zero`` (integer zero
     point as uint8, or float minimum; None for symmetric grids), ``g_idx`` (int32, act-order;
     None when groups are contiguous), ``perm`` (int32: stored row ``j`` along ``axis`` is
-    logical row ``perm[j]``; None when rows are stored in order).
+    logical row ``perm[j]``; None when rows are stored in order), ``outlier_idx`` (int32
+    ``(n,)``) and ``outlier_w`` (float16 ``(n, N)``): input rows kept in float (LLM.int8-style
+    outliers, :mod:`jquant.quantizers.outliers`; their codes dequantize to exactly 0 and a
+    matmul adds ``x[..., idx] @ outlier_w``; None without outliers).
     Static: ``shape``, ``dtype`` (name of the original float dtype), ``grid``
     (format, bits, symmetric, full_range, zero_type, scale_dtype), ``granularity``,
     ``group_size``, ``axis``, ``word_bits``, ``method`` (which quantizer made it).
@@ -139,6 +142,8 @@ class QTensor:
     word_bits: int = 32
     method: str = "rtn"
     perm: jax.Array | None = None
+    outlier_idx: jax.Array | None = None
+    outlier_w: jax.Array | None = None
 
     # -- static views ---------------------------------------------------------------
     @property
@@ -163,9 +168,10 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        """Real storage: codes + scales + zeros + g_idx + perm."""
+        """Real storage: codes + scales + zeros + g_idx + perm + outlier rows and their indices."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-                   for a in (self.codes, self.scale, self.zero, self.g_idx, self.perm) if a is not None)
+                   for a in (self.codes, self.scale, self.zero, self.g_idx, self.perm, self.outlier_idx,
+                             self.outlier_w) if a is not None)
 
     @property
     def bits_per_weight(self) -> float:
@@ -185,6 +191,9 @@ class QTensor:
     def dequantize(self, dtype=None):
         """The float array (``dtype`` defaults to the original dtype)."""
         dtype = jnp.dtype(dtype or self.dtype)
+        if self.outlier_idx is not None:  # LLM.int8-style: rows kept in float replace their (zero) codes
+            base = dataclasses.replace(self, outlier_idx=None, outlier_w=None).dequantize(dtype)
+            return base.at[self.outlier_idx].set(self.outlier_w.astype(dtype))
         if self.grid.fmt in formats.GGML_FORMATS:  # GGUF blocks: codes are the GGUF rows' bytes
             from jquant.quantizers import kquant
 
@@ -216,7 +225,7 @@ class QTensor:
 
 jax.tree_util.register_dataclass(
     QTensor,
-    data_fields=["codes", "scale", "zero", "g_idx", "perm"],
+    data_fields=["codes", "scale", "zero", "g_idx", "perm", "outlier_idx", "outlier_w"],
     meta_fields=["shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method"],
 )
 

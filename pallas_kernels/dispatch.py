@@ -20,6 +20,7 @@ A weight no packed path can read (a codebook format, a ragged group, no power-of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 
@@ -97,6 +98,9 @@ def qmatmul(x, w, backend: str | None = None):
     """``x @ w`` for a float array or a QTensor ``w`` ``(K, N)``, in ``x``'s dtype."""
     if not is_qtensor(w):
         return x @ jnp.asarray(w).astype(x.dtype)
+    if w.outlier_idx is not None:  # rows kept in float (LLM.int8): the quantized part plus the float part
+        base = dataclasses.replace(w, outlier_idx=None, outlier_w=None)
+        return qmatmul(x, base, backend) + jnp.take(x, w.outlier_idx, axis=-1) @ w.outlier_w.astype(x.dtype)
     from pallas_kernels.wq_matmul import wq_matmul, wq_matmul_reference
     from pallas_kernels.xla_matmul import xla_matmul
 
