@@ -108,7 +108,12 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
       ``(state, logs)``: the quantized ``nnx.State`` (``nnx.update`` a model with it) and
       one :class:`LayerLog` per quantized block linear.
     """
-    tokens = np.asarray(tokens, dtype=np.int32)
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"calibration tokens must be integer token ids, got dtype {tokens.dtype}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    tokens = tokens.astype(np.int32)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise DataError(f"calibration tokens must be a non-empty (n, seq_len) array, got shape {tokens.shape}")
     config = model.config

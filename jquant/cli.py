@@ -82,6 +82,15 @@ def cmd_quantize(args) -> int:
     if os.path.exists(ckpt) and not args.overwrite:
         print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
         return 2
+    data_driven = any(needs_data(sp) for _, sp in recipe.rules)
+    cal = None
+    if data_driven:  # the calibration settings are checked before any work
+        cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
+        for key, value in (("text", args.calib_text), ("windows", args.calib_windows),
+                           ("seq_len", args.calib_seq_len)):
+            if value is not None:
+                cal[key] = value
+        cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
     model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
     _, state = nnx.split(model)
     n_leaves = sum(1 for _ in jq.summary(state).leaves)
@@ -94,16 +103,9 @@ def cmd_quantize(args) -> int:
         bar.update(1)
 
     t0 = time.perf_counter()
-    data_driven = any(needs_data(sp) for _, sp in recipe.rules)
     calib_info = None
     if data_driven:
         bar.close()
-        cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
-        for key, value in (("text", args.calib_text), ("windows", args.calib_windows),
-                           ("seq_len", args.calib_seq_len)):
-            if value is not None:
-                cal[key] = value
-        cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
         if tok is None:
             print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
             return 2
@@ -161,6 +163,15 @@ def _eval_tokens(tok, vocab: int, source: str):
     return data.tokenize(tok, text, vocab), source
 
 
+def _source_name(source: str) -> str:
+    """A file-name-safe name of an evaluation text source (a path becomes its base name)."""
+    import re
+
+    if os.path.exists(source):
+        source = os.path.splitext(os.path.basename(os.path.normpath(source)))[0] or "text"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "text"
+
+
 def cmd_eval(args) -> int:
     import jax
     from flax import nnx
@@ -169,6 +180,11 @@ def cmd_eval(args) -> int:
     from jquant import evaluate
     from jquant.models import forward
 
+    for name, value, lowest in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
+                                 ("--max-windows", args.max_windows, 1)):
+        if value is not None and value < lowest:
+            print(f"error: {name} must be >= {lowest}, got {value}", file=sys.stderr)
+            return 2
     out = os.path.abspath(args.dir)
     mpath = os.path.join(out, MANIFEST)
     if not os.path.isfile(mpath):
@@ -214,7 +230,7 @@ def cmd_eval(args) -> int:
     result = {"text": source, "seq_len": args.seq_len, "windows": cmp.ref.windows, "tokens": cmp.ref.tokens,
               "float_ppl": cmp.ref.ppl, "quant_ppl": cmp.quant.ppl, "kl": cmp.agreement.kl,
               "top1": cmp.agreement.top1, "eval_seconds": t_eval, "manifest": manifest}
-    write_json(os.path.join(out, f"eval_{source}.json"), result)
+    write_json(os.path.join(out, f"eval_{_source_name(source)}.json"), result)
     return 0
 
 

@@ -153,3 +153,20 @@ def test_self_generated_calibration(tiny):
     assert mixed.shape == (5, 12)
     np.testing.assert_array_equal(mixed[:3], calibrate.calibration_tokens(Tok(), text="selfgen", n=3, seq_len=12,
                                                                           seed=1, model=model))
+
+
+def test_bad_tokens_and_batch_size_are_refused(tiny):
+    model, toks = tiny
+    with pytest.raises(DataError, match="must be integer token ids, got dtype float"):
+        calibrate.quantize_model(model, toks.astype(np.float32) + 0.5, [(LIN, GPTQ3)], progress=False)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(DataError, match="batch_size must be an integer >= 1"):
+            calibrate.quantize_model(model, toks, [(LIN, GPTQ3)], batch_size=bad, progress=False)
+
+
+def test_all_zero_hessian_is_a_failed_calibration():
+    from jquant.quantizers.gptq import gptq_quantize
+
+    w = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    with pytest.raises(DataError, match=r"^l/kernel: Hessian is all zeros: no calibration input reached"):
+        gptq_quantize(w, np.zeros((32, 32), np.float32), GPTQ3, path="l/kernel")

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant import formats
-from jquant.errors import NonFiniteError, ShapeError, SpecError, at
+from jquant.errors import DataError, NonFiniteError, ShapeError, SpecError, at
 from jquant.qtensor import GroupLayout, QTensor
 from jquant.quantizers.registry import Method, register
 from jquant.quantizers.rtn import check_weight, find_range, layout_for, pack_qtensor
@@ -309,6 +309,9 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
         raise ShapeError(at(path, f"Hessian of shape {tuple(H.shape)} does not match the kernel's {K} inputs"))
     if not bool(jnp.all(jnp.isfinite(H))):
         raise NonFiniteError(at(path, "Hessian has NaN/Inf values (NaN in the calibration activations?)"))
+    if not bool(jnp.any(H != 0)):
+        raise DataError(at(path, "Hessian is all zeros: no calibration input reached this layer (every input "
+                                 "feature was 0), so GPTQ has nothing to fit; check the calibration data"))
     lay = layout_for(w.shape, spec, path)
     static = spec.granularity != "group" or opts.static_groups
     gs = lay.size if spec.granularity == "group" else K

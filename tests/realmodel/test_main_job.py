@@ -33,3 +33,29 @@ def test_cli_quantize_and_eval_rtn_w4(tmp_path, capsys):
 def test_eval_without_quantize_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "run `jquant quantize" in capsys.readouterr().err
+
+
+def test_cli_hqq_recipe_eval_on_a_file_and_bad_arguments(tmp_path, capsys):
+    """A data-free HQQ recipe end to end; a text file given by absolute path; arguments that
+    cannot serve are refused before any work instead of being replaced or crashing late."""
+    from jquant import data
+
+    out = str(tmp_path / "hqq")
+    assert cli.main(["quantize", "--recipe", "hqq_w3_g64", "--out", out, "--quiet"]) == 0
+    man = json.load(open(os.path.join(out, "jquant.json")))
+    assert man["quantized_leaves"] == 7 * 30 and abs(man["bits_per_weight_quantized"] - 3.375) < 1e-9
+    text = tmp_path / "my text.txt"
+    text.write_text(data.load_text("licenses")[:40000])
+    assert cli.main(["eval", out, "--text", str(text), "--seq-len", "128", "--max-windows", "2", "--quiet"]) == 0
+    res = json.load(open(os.path.join(out, "eval_my_text.json")))
+    assert res["tokens"] == 2 * 127 and res["float_ppl"] < res["quant_ppl"]
+    for bad in (["--max-windows", "-1"], ["--batch-size", "0"], ["--seq-len", "1"]):
+        assert cli.main(["eval", out, *bad]) == 2
+    assert "must be >=" in capsys.readouterr().err
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert cli.main(["quantize", "--out", str(f), "--quiet"]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert cli.main(["quantize", "--recipe", "gptq_w4_g64", "--out", str(tmp_path / "g"), "--calib-windows", "0",
+                     "--quiet"]) == 1
+    assert "calibration windows=0 must be >= 1" in capsys.readouterr().err
