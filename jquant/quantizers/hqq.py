@@ -125,11 +125,12 @@ def _code_zero(s, zp, grid):
 
 
 def _objective(xz, valid, s, zp, grid, q: float, unit):
-    """``Σ|(w − ŵ)/unit|^q`` per group ``(G, 1, R)`` with the stored parameters. ``unit`` (a
-    fixed step per group) keeps high powers of small errors inside float32's range."""
+    """``Σ|(w − ŵ)/unit|^q`` per group ``(G, 1, R)`` with the stored parameters, and the codes
+    (uint8). ``unit`` (a fixed step per group) keeps high powers of small errors inside
+    float32's range."""
     c = formats.encode(xz, s, zp, grid)
     err = jnp.abs(xz - formats.decode(c, s, zp, grid)) / unit
-    return jnp.sum(jnp.where(valid, err**q, 0.0), axis=1, keepdims=True)
+    return jnp.sum(jnp.where(valid, err**q, 0.0), axis=1, keepdims=True), c
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "opts"))
@@ -148,17 +149,18 @@ def hqq_solve(xg, s0, zp0, *, grid: formats.Grid, opts: HQQOptions):
     xz = jnp.where(valid, xg.astype(jnp.float32), 0.0)
     nvalid = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
     unit = jnp.where(s0 > 0, s0, 1.0)
-    J0 = _objective(xz, valid, s0, zp0, grid, q, unit)
+    J0, c0 = _objective(xz, valid, s0, zp0, grid, q, unit)
 
     def cond(carry):
-        i, _, _, _, _, active = carry
+        i, _, _, _, _, _, active = carry
         return (i < opts.iters) & jnp.any(active)
 
     def body(carry):
-        i, beta, s, zp, J, active = carry
+        # c: the codes of the current parameters, carried so each iteration encodes once.
+        i, beta, s, zp, J, codes, active = carry
         z = _code_zero(s, zp, grid)
         sd = jnp.where(s == 0, 1.0, s)
-        c = formats.encode(xz, s, zp, grid).astype(jnp.float32)
+        c = codes.astype(jnp.float32)
         w_r = (c - z) * s
         e = shrink_lp(xz - w_r, beta, p)
         t = xz - e  # the target the parameters are fitted to
@@ -173,17 +175,18 @@ def hqq_solve(xg, s0, zp0, *, grid: formats.Grid, opts: HQQOptions):
             s_ls = num / jnp.where(den > 0, den, 1.0)
             s_new = jnp.where((den > 0) & (s_ls > 0), s_ls, s)
         s_c, zp_c = _to_param(s_new, z_new, grid)
-        J_c = _objective(xz, valid, s_c, zp_c, grid, q, unit)
+        J_c, codes_c = _objective(xz, valid, s_c, zp_c, grid, q, unit)
         take = active & (J_c < J)
         s = jnp.where(take, s_c, s)
         zp = jnp.where(take, zp_c, zp)
         J = jnp.where(take, J_c, J)
+        codes = jnp.where(take, codes_c, codes)
         if opts.early_stop:
             active = take
-        return i + 1, beta * opts.kappa, s, zp, J, active
+        return i + 1, beta * opts.kappa, s, zp, J, codes, active
 
-    init = (jnp.int32(0), jnp.float32(opts.beta), s0, zp0, J0, jnp.ones(J0.shape, bool))
-    i, _, s, zp, J, _ = lax.while_loop(cond, body, init)
+    init = (jnp.int32(0), jnp.float32(opts.beta), s0, zp0, J0, c0, jnp.ones(J0.shape, bool))
+    i, _, s, zp, J, _, _ = lax.while_loop(cond, body, init)
     return s, zp, J, J0, i
 
 
