@@ -232,15 +232,20 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                 w = _leaf(bstate, f"{name}/kernel")
                 t0 = time.perf_counter()
                 entry = LayerLog(path=path, method=spec.method, seconds=0.0)
-                qt, info = registry.quantize_weight(w, spec, stats, path=path)
+                qt, info = registry.quantize_weight(w, spec, stats, path=path, prepared=True)
                 entry.loss, entry.damp = info.get("loss"), info.get("damp")
                 entry.extra = prepared.get(name)
                 jax.block_until_ready(qt.codes)
                 entry.seconds = time.perf_counter() - t0
                 if H is not None:
                     entry.recon = gptq.reconstruction_error(w, qt, H)
-                    rspec = dataclasses.replace(spec, method="rtn", options=())
-                    entry.recon_rtn = gptq.reconstruction_error(w, rtn.quantize(w, rspec, path=path), H)
+                    # RTN on the same grid as the baseline, where RTN can take the format and the
+                    # weight is the original one (after AWQ's folding it is not: its own search
+                    # losses, in ``extra``, compare with RTN instead).
+                    transformed = any(isinstance(v, dict) for v in (prepared.get(name) or {}).values())
+                    if spec.format in registry.get("rtn").formats and not transformed:
+                        rspec = dataclasses.replace(spec, method="rtn", options=())
+                        entry.recon_rtn = gptq.reconstruction_error(w, rtn.quantize(w, rspec, path=path), H)
                 new[f"{name}/kernel"] = qt
                 logs.append(entry)
                 if on_layer is not None:

@@ -10,11 +10,13 @@ rule matches stays float.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jquant.errors import SpecError
 from jquant.formats import BLOCKFLOAT_FORMATS, FIXED_BITS, FORMATS, GGML_FORMATS, RANGE_FORMATS, Grid
@@ -23,6 +25,13 @@ GRANULARITIES = ("tensor", "channel", "group")
 RANGES = ("minmax", "percentile", "mse", "kl")
 ZERO_TYPES = ("int", "float")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+_FIELD_TYPES = {"format": str, "bits": int, "granularity": str, "group_size": int, "symmetric": bool,
+                "full_range": bool, "zero_type": str, "range": str, "percentile": float, "mse_grid": int,
+                "mse_max_shrink": float, "mse_norm": float, "kl_bins": int, "kl_candidates": int, "method": str,
+                "scale_dtype": str, "axis": int, "word_bits": int}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a bool (true/false)", float: "a number"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +88,20 @@ class QuantSpec:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        # Field types first: a string "false" must not pass for a bool, nor 2.5 for an int.
+        for name, kind in _FIELD_TYPES.items():
+            v = getattr(self, name)
+            if v is None and name in ("bits", "scale_dtype"):
+                continue
+            if kind is int and isinstance(v, np.integer):
+                set_(name, int(v))
+                continue
+            if kind is float and isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                if not math.isfinite(float(v)):
+                    raise SpecError(f"{name} must be a finite number, got {v!r}")
+                continue
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise SpecError(f"{name} must be {_TYPE_NAMES[kind]}, got {v!r} ({type(v).__name__})")
         if self.format not in FORMATS:
             raise SpecError(f"unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
         if self.format in FIXED_BITS:
@@ -96,7 +119,8 @@ class QuantSpec:
             raise SpecError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise SpecError(f"group_size must be an integer >= 1, got {self.group_size!r}")
-        if self.format != "int" and not self.symmetric:
+        block_format = self.format in GGML_FORMATS + BLOCKFLOAT_FORMATS  # the type fixes scale and zero
+        if self.format != "int" and not self.symmetric and not block_format:
             raise SpecError(f"format {self.format!r} is symmetric (absmax or mean-abs scaled); use symmetric=True")
         if self.full_range and not (self.format == "int" and self.symmetric):
             raise SpecError("full_range applies to symmetric int grids only")
@@ -105,7 +129,8 @@ class QuantSpec:
         if self.range not in RANGES:
             raise SpecError(f"unknown range calibration {self.range!r}; valid: {', '.join(RANGES)}")
         if self.range != "minmax" and self.format not in RANGE_FORMATS:
-            raise SpecError(f"format {self.format!r} sets its scale by mean-abs; range={self.range!r} does not apply")
+            how = "its blocks' own scale rule" if block_format or self.format == "bcq" else "mean-abs"
+            raise SpecError(f"format {self.format!r} sets its scale by {how}; range={self.range!r} does not apply")
         if not 0.0 < float(self.percentile) <= 100.0:
             raise SpecError(f"percentile must be in (0, 100], got {self.percentile!r}")
         if self.mse_grid < 1 or not 0.0 < self.mse_max_shrink < 1.0 or self.mse_norm <= 0:
@@ -126,6 +151,9 @@ class QuantSpec:
         opts = self.options
         if isinstance(opts, Mapping):
             opts = tuple(sorted(opts.items()))
+        elif not (isinstance(opts, (tuple, list)) and all(isinstance(o, (tuple, list)) and len(o) == 2
+                                                          and isinstance(o[0], str) for o in opts)):
+            raise SpecError(f"method options must be a mapping of option names to values, got {self.options!r}")
         try:
             hash(tuple(opts))
         except TypeError as e:

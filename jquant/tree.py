@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jquant.errors import RuleWarning, SpecError, at
+from jquant.errors import RuleWarning
 from jquant.qtensor import QTensor, is_qtensor
-from jquant.quantizers import get as get_method
 from jquant.quantizers import quantize_weight
 from jquant.spec import Rule, compile_rules, match, path_str
 
@@ -53,9 +52,6 @@ def quantize_tree(params, rules: Sequence[Rule], *, stats: Mapping[str, Mapping]
             used[i] = True
         if spec is None:
             return leaf
-        if get_method(spec.method).prepare is not None:
-            raise SpecError(at(path, f"method {spec.method!r} transforms a whole decoder block (it folds scales into "
-                                     "the operation before each linear); run it through jquant.calibrate.quantize_model"))
         if progress is not None:
             progress(path, spec)
         return quantize_weight(leaf, spec, None if stats is None else stats.get(path), path=path)[0]

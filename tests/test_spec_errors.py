@@ -137,3 +137,24 @@ def test_path_str():
     assert paths == ["layers/0/q_proj/kernel", "t/0"]
     assert jquant.path_str((jax.tree_util.DictKey("a"), jax.tree_util.GetAttrKey("value"))) == "a"
     assert jquant.path_str((jax.tree_util.GetAttrKey("value"), jax.tree_util.GetAttrKey("b"))) == "value/b"
+
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(symmetric="false"), r"symmetric must be a bool"), (dict(full_range="yes"), r"full_range must be a bool"),
+    (dict(range="mse", mse_norm=float("nan")), r"mse_norm must be a finite number"),
+    (dict(mse_grid=2.5), r"mse_grid must be an integer"), (dict(percentile="99"), r"percentile must be a number"),
+    (dict(kl_bins=2.5), r"kl_bins must be an integer"), (dict(method="gptq", options="damp"), r"must be a mapping"),
+    (dict(method="gptq", granularity="tensor"), r"granularity 'tensor' is not supported"),
+    (dict(method="gptq", options={"damp": float("inf")}), r"damp=inf must be a finite number"),
+    (dict(bits=4, symmetric=False, method="awq", options={"damp": 0.5}), r"apply only with then='gptq'"),
+])
+def test_field_types_and_ignored_options(kw, match):
+    with pytest.raises(SpecError, match=match):
+        QuantSpec(**kw)
+
+
+def test_numpy_integers_and_block_formats_asymmetric_flag():
+    import numpy as np
+    assert QuantSpec(bits=np.int64(4), group_size=np.int64(64)).bits == 4
+    assert QuantSpec(format="q4_1", method="kquant", symmetric=False).format == "q4_1"  # ignored by block types

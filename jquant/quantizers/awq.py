@@ -62,6 +62,11 @@ class AWQOptions:
             raise SpecError(f"AWQ then must be 'rtn' or 'gptq', got {self.then!r}")
         if self.then == "gptq":
             get("gptq").parse_options(self._gptq_options())
+        else:
+            defaults = AWQOptions(grid=self.grid, then=self.then)
+            ignored = [k for k in self._gptq_options() if getattr(self, k) != getattr(defaults, k)]
+            if ignored:
+                raise SpecError(f"AWQ options {ignored} are GPTQ's and apply only with then='gptq' (then={self.then!r})")
 
     def _gptq_options(self) -> dict:
         return {"damp": self.damp, "block_size": self.block_size, "act_order": self.act_order,

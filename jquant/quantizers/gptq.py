@@ -349,6 +349,13 @@ def _method(w, spec: QuantSpec, stats, *, path: str | None = None):
     return qt, {"loss": info.loss, "damp": info.damp}
 
 
+def _check(spec: QuantSpec, path: str | None = None) -> None:
+    if spec.granularity == "tensor":
+        raise SpecError(at(path, "GPTQ computes grid parameters per group or per output channel; granularity "
+                                 "'tensor' is not supported (use 'channel' or 'group')"))
+
+
 register(Method("gptq", _method, stats=("hessian",), options=GPTQOptions, formats=formats.RANGE_FORMATS,
+                check=_check,
                 paper="arXiv:2210.17323",
                 summary="column-by-column rounding with error feedback through the inverse Hessian"))

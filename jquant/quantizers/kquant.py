@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from jquant import formats
-from jquant.errors import ShapeError, SpecError, at
+from jquant.errors import DataError, ShapeError, SpecError, at
 from jquant.formats import FIXED_BITS, GGML_FORMATS, Grid
 from jquant.qtensor import QTensor
 from jquant.quantizers.registry import Method, register
@@ -891,6 +891,16 @@ def kquant_quantize(w, spec, importance=None, *, path: str | None = None) -> tup
         if importance.shape != (K,):
             raise ShapeError(at(path, f"act_sq_mean must have shape ({K},) for a kernel of shape {(K, N)}, "
                                       f"got {tuple(importance.shape)}"))
+        bad = ~jnp.isfinite(importance) | (importance < 0)
+        if bool(jnp.any(bad)):
+            raise DataError(at(path, f"importance matrix (act_sq_mean) holds {int(jnp.sum(bad))} NaN/Inf or negative "
+                                     "value(s); it must be finite and >= 0 (mean x² of the layer's inputs)"))
+        # A block whose inputs all had zero importance (dead in calibration) would be fitted to
+        # nothing and come out as zeros: such blocks are quantized unweighted instead.
+        QK = BLOCK[qtype]
+        dead = jnp.all(importance.reshape(K // QK, QK) == 0, axis=1)
+        if bool(jnp.any(dead)):
+            importance = jnp.where(jnp.repeat(dead, QK), 1.0, importance)
     codes = quantize_blocks(w.T, qtype, importance).T
     qt = QTensor(codes, None, None, None, shape=(K, N), dtype=jnp.dtype(w.dtype).name, grid=grid_for(qtype),
                  granularity="group", group_size=BLOCK[qtype], axis=0, word_bits=8, method="kquant")

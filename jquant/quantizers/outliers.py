@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.errors import ShapeError, SpecError, at
+from jquant.errors import NonFiniteError, ShapeError, SpecError, at
 from jquant.quantizers.registry import Method, get, register
 from jquant.quantizers.rtn import check_weight
 from jquant.quantizers.rtn import quantize as rtn_quantize
@@ -80,12 +80,18 @@ def quantize_with_outliers(w, spec: QuantSpec, act_abs_max, *, path: str | None 
     if a.shape != (w.shape[0],):
         raise ShapeError(at(path, f"act_abs_max of shape {tuple(a.shape)} does not match the kernel's "
                                   f"{w.shape[0]} inputs"))
+    if not bool(jnp.all(jnp.isfinite(a))):
+        raise NonFiniteError(at(path, "act_abs_max holds NaN/Inf (NaN/Inf in the calibration activations)"))
     idx = outlier_rows(a, o.threshold, o.max_fraction)
     inner = dataclasses.replace(spec, method="rtn", options=())
     if idx.size == 0:
         qt = rtn_quantize(w, inner, path=path)
         return dataclasses.replace(qt, method="outliers"), {"outliers": 0, "fraction": 0.0}
     j = jnp.asarray(idx)
+    big = float(jnp.max(jnp.abs(w[j].astype(jnp.float32))))
+    if big > float(jnp.finfo(jnp.float16).max):
+        raise NonFiniteError(at(path, f"an outlier row holds |w| = {big:.6g}, beyond float16's 65504 (outlier rows "
+                                      "are stored in float16); the weight is not usable at this scale"))
     qt = rtn_quantize(w.at[j].set(0), inner, path=path)
     qt = dataclasses.replace(qt, method="outliers", outlier_idx=j, outlier_w=w[j].astype(jnp.float16))
     return qt, {"outliers": int(idx.size), "fraction": idx.size / w.shape[0]}

@@ -18,6 +18,7 @@ its import in ``jquant/quantizers/__init__.py``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -95,6 +96,8 @@ class Method:
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 if ok:
                     opts[k] = float(v)
+                    if not math.isfinite(opts[k]):
+                        raise SpecError(f"{self.name} option {k}={v!r} must be a finite number")
             elif want is str:
                 ok = isinstance(v, str)
             else:
@@ -152,7 +155,8 @@ def needs_data(spec) -> bool:
     return spec is not None and bool(get(spec.method).stats_for(spec))
 
 
-def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: str | None = None):
+def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: str | None = None,
+                    prepared: bool = False):
     """Quantize one weight with the method ``spec.method`` names. Returns ``(QTensor, info)``.
 
     Args:
@@ -161,11 +165,23 @@ def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: st
       stats: the input statistics the method needs (``{name: array}``, see
         :mod:`jquant.quantizers.stats`); ignored by data-free methods.
       path: tree path named in errors.
+      prepared: the calibration pipeline says the method's block-level ``prepare`` has run
+        on this weight's block (AWQ's scales are folded); such methods are refused otherwise.
 
     Raises:
-      SpecError: when the method needs statistics that ``stats`` does not hold.
+      SpecError: when the method needs statistics that ``stats`` does not hold, or a block
+        transform that has not run.
+      ShapeError: an empty array.
     """
+    from jquant.errors import ShapeError
+
     m = get(spec.method)
+    if m.prepare is not None and not prepared:
+        raise SpecError(at(path, f"method {m.name!r} transforms a whole decoder block (it folds scales into the "
+                                 "operation before each linear); run it through jquant.calibrate.quantize_model"))
+    shape = tuple(getattr(w, "shape", ()))
+    if shape and min(shape) == 0:
+        raise ShapeError(at(path, f"cannot quantize an empty array of shape {shape}"))
     stats = {} if stats is None else stats
     names = m.stats_for(spec)
     missing = [n for n in names if n not in stats]
@@ -189,7 +205,16 @@ def check_stored(qt, w, path: str | None = None) -> None:
 
     from jquant.errors import NonFiniteError
 
-    if isinstance(qt.scale, jax.core.Tracer) or qt.scale is None:
+    from jquant import formats
+
+    if isinstance(qt.codes, jax.core.Tracer) or isinstance(qt.scale, jax.core.Tracer):
+        return
+    if qt.outlier_idx is not None:  # the quantized part was made from w with the kept rows zeroed
+        w = jnp.asarray(w).at[qt.outlier_idx].set(0)
+    if qt.grid.fmt in formats.GGML_FORMATS + formats.BLOCKFLOAT_FORMATS:
+        _check_block_format(qt, w, path)
+        return
+    if qt.scale is None:
         return
     for name, arr in (("scale", qt.scale), ("zero", qt.zero)):
         if arr is None or not jnp.issubdtype(arr.dtype, jnp.floating):
@@ -215,3 +240,29 @@ def check_stored(qt, w, path: str | None = None) -> None:
             raise NonFiniteError(at(path, f"{n_bad} group scale(s) underflow to 0 in {qt.scale.dtype} although "
                                           f"the group holds weights up to |w| = {tiny:.3g}; they would dequantize "
                                           "to zeros; use scale_dtype='float32' in the QuantSpec"))
+
+
+
+def _check_block_format(qt, w, path):
+    """Formats whose scales live inside their blocks (GGUF, MX, NVFP4): the dequantized blocks
+    must be finite, and a block of nonzero weights must not come back all zeros."""
+    import jax.numpy as jnp
+
+    from jquant.errors import NonFiniteError
+
+    deq = qt.dequantize(jnp.float32)
+    wf = jnp.asarray(w, jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(deq))):
+        n_bad = int(jnp.sum(~jnp.isfinite(deq)))
+        raise NonFiniteError(at(path, f"{qt.grid.fmt} cannot hold this weight: {n_bad} value(s) dequantize to "
+                                      f"NaN/Inf (largest |w| {float(jnp.max(jnp.abs(wf))):.6g} overflows the "
+                                      "format's block scales); use an int format with scale_dtype='float32'"))
+    K = wf.shape[0]
+    QK = qt.group_size
+    if K % QK == 0:
+        lost = jnp.all(deq.reshape(K // QK, QK, -1) == 0, axis=1) & jnp.any(wf.reshape(K // QK, QK, -1) != 0, axis=1)
+        if bool(jnp.any(lost)):
+            tiny = float(jnp.max(jnp.where(lost[:, None, :], jnp.abs(wf.reshape(K // QK, QK, -1)), 0.0)))
+            raise NonFiniteError(at(path, f"{int(jnp.sum(lost))} block(s) of nonzero weights (|w| up to {tiny:.3g}) "
+                                          f"dequantize to all zeros in {qt.grid.fmt}: their block scales underflow; "
+                                          "use an int format with scale_dtype='float32'"))

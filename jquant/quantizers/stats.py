@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.errors import DataError, SpecError
+from jquant.errors import DataError, NonFiniteError, ShapeError, SpecError
 
 _HP = lax.Precision.HIGHEST
 
@@ -135,11 +135,21 @@ def collect(names: Sequence[str], batches) -> dict[str, jax.Array]:
     c = Collector(check_names(sorted(set(names)), "collect"))
     state = None
     upd = jax.jit(c.update)
-    for x in batches:
+    features = None
+    for i, x in enumerate(batches):
         x = jnp.asarray(x)
-        if state is None:
-            state = c.init(x.shape[-1])
+        if x.ndim < 1 or x.size == 0:
+            raise DataError(f"collect: batch {i} of shape {tuple(x.shape)} holds no input rows")
+        if features is None:
+            features = x.shape[-1]
+            state = c.init(features)
+        elif x.shape[-1] != features:
+            raise ShapeError(f"collect: batch {i} has {x.shape[-1]} input features, the first had {features}")
         state = upd(state, x)
     if state is None:
         raise DataError("collect: no input batches were given")
-    return c.finalize(state)
+    out = c.finalize(state)
+    for k, v in out.items():
+        if not bool(jnp.all(jnp.isfinite(v))):
+            raise NonFiniteError(f"collect: statistic {k!r} holds NaN/Inf (NaN/Inf in the inputs)")
+    return out

@@ -104,7 +104,12 @@ def test_pipeline_awq_rtn_and_gptq():
     # AWQ + GPTQ: the GPTQ solve on the scaled weights beats RTN of the same scaled weights.
     g = dataclasses.replace(AWQ4, options={"grid": 10, "then": "gptq", "act_order": True})
     _, glogs = calibrate.quantize_model(model, toks, [(r"_proj/kernel$", g)], batch_size=4, progress=False)
-    assert all(e.recon < e.recon_rtn for e in glogs)
+    # o_proj is not scaled (GQA) and keeps the RTN baseline: GPTQ beats it; the scaled linears
+    # log no RTN baseline (their weights are no longer the original ones), and on the whole
+    # AWQ+GPTQ's output error is below AWQ+RTN's.
+    for e in glogs:
+        assert (e.recon < e.recon_rtn) if "o_proj" in e.path else (e.recon_rtn is None)
+    assert sum(e.recon for e in glogs) < sum(e.recon for e in logs)
 
 
 def test_bad_input():
