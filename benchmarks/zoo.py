@@ -315,11 +315,13 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--timing", action="store_true", help="time one 8192x28672 matrix (jquant vs hqq package)")
+    ap.add_argument("--timing-only", action="store_true", help="only the timing (no quality rows)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "zoo.json"))
     args = ap.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(ROWS)
+    names = [] if args.timing_only else ([n for n in args.only.split(",") if n] or list(ROWS))
+    args.timing = args.timing or args.timing_only
     unknown = set(names) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
