@@ -316,6 +316,7 @@ def main() -> int:
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--timing", action="store_true", help="time one 8192x28672 matrix (jquant vs hqq package)")
     ap.add_argument("--timing-only", action="store_true", help="only the timing (no quality rows)")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (for BENCHMARKS.md)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "zoo.json"))
@@ -349,19 +350,27 @@ def main() -> int:
             json.dump(doc, fh, indent=1)
     # The table: every finished row, in ROWS order.
     fl = doc.get("float", {})
-    print(f"\n{args.eval_windows} windows of 512 tokens per text; float ppl "
+    print(f"\n{doc['eval_windows']} windows of 512 tokens per text; float ppl "
           + ", ".join(f"{s} {fl[s]['ppl']:.3f}" for s in TEXTS if s in fl))
-    hdr = f"{'setting':<7} {'method':<30} " + " ".join(f"{s + ' ppl':>13} {'KL':>7}" for s in TEXTS)
-    print(hdr + f" {'bits/w':>7} {'disk MiB':>8} {'quant s':>8}")
-    for name in ROWS:
-        r = doc["rows"].get(name)
-        if r is None:
-            continue
+    rows = [doc["rows"][n] for n in ROWS if n in doc["rows"]]
+    cells = []
+    for r in rows:
         q = r["quality"]
-        disk = "" if r.get("disk_mib") is None else f"{r['disk_mib']:.1f}"
-        print(f"{r['setting']:<7} {r['method']:<30} " + " ".join(f"{q[s]['ppl']:>13.3f} {q[s]['kl']:>7.4f}"
-                                                             for s in TEXTS)
-              + f" {r['bits_per_weight']:>7.3f} {disk:>8} {r['seconds']:>8.1f}")
+        cells.append([r["setting"], r["method"]] + [f"{q[s][k]:.3f}" if k == "ppl" else f"{q[s][k]:.4f}"
+                                                    for s in TEXTS for k in ("ppl", "kl")]
+                     + [f"{r['bits_per_weight']:.3f}", "" if r.get("disk_mib") is None else f"{r['disk_mib']:.1f}",
+                        f"{r['seconds']:.1f}"])
+    head = ["setting", "method"] + [f"{s} {k}" for s in TEXTS for k in ("ppl", "KL")] + ["bits/w", "disk MiB",
+                                                                                          "quant s"]
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for c in cells:
+            print("| " + " | ".join(c) + " |")
+    else:
+        widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+        for c in [head] + cells:
+            print("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
     if doc.get("timing"):
         print("\none 8192x28672 matrix:")
         for t in doc["timing"]["rows"]:

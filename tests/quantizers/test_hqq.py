@@ -41,9 +41,10 @@ def hqq_reference(w, bits, gs, zero_type, *, p=0.7, beta=10.0, kappa=1.01, iters
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
         s = f16((hi - lo) / maxq)
         zp = np.clip(np.round(-lo / np.where(s == 0, 1, s)), 0, maxq)
-    else:
-        zp = f16(lo)
-        s = f16((hi - zp) / maxq)
+    else:  # from the integer-zero grid (int_init), its zero turned into a float minimum
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        s = f16((hi - lo) / maxq)
+        zp = f16(-np.clip(np.round(-lo / np.where(s == 0, 1, s)), 0, maxq) * s)
     unit = np.where(s > 0, s, 1.0)
 
     def codes(s, zp):
