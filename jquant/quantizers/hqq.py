@@ -108,17 +108,13 @@ def shrink_lp(x, beta, p: float):
     return jnp.sign(x) * jnp.maximum(a - thr, 0.0)
 
 
-def _store(v, grid):
-    return v.astype(grid.scale_dtype).astype(jnp.float32)
-
-
 def _to_param(s, z, grid):
     """Stored-precision ``(scale, zero parameter)`` from a step and a code-unit zero ``z``:
     the integer zero point (rounded, clipped) or the float minimum ``m = −z·s``."""
-    s = _store(s, grid)
+    s = formats._store(s, grid.scale_dtype)
     if grid.zero_type == "int":
         return s, jnp.clip(jnp.round(z), 0, 2**grid.bits - 1)
-    return s, _store(-z * s, grid)
+    return s, formats._store(-z * s, grid.scale_dtype)
 
 
 def _code_zero(s, zp, grid):
@@ -203,7 +199,7 @@ def _hqq(w, *, spec: QuantSpec, lay: GroupLayout, opts: HQQOptions):
         # Start from the integer-zero grid (0 exactly on it), as the hqq package rounds its
         # initial zero: the least-squares refit then moves the zero only as far as it helps.
         s0, z0 = formats.params_from_range(lo, hi, grid._replace(zero_type="int"))
-        zp0 = _store(-z0 * s0, grid)
+        zp0 = formats._store(-z0 * s0, grid.scale_dtype)
     else:
         s0, zp0 = formats.params_from_range(lo, hi, grid)
     s, zp, J, J0, iters = hqq_solve(xg, s0, zp0, grid=grid, opts=opts)
