@@ -3,24 +3,28 @@
 Calibration tokens go through the embedding; then, for each decoder block in turn:
 
 1. the block's linears are solved **true-sequentially** in the order
-   ``q/k/v → o → gate/up → down``: for each group the block runs on the current hidden
-   states with the linears already quantized in place, the inputs of the group are
-   captured and folded into the statistics the group's methods declare (GPTQ's Hessian
+   ``q/k/v → o → gate/up → down`` (the block's ``LINEAR_GROUPS``): the block runs in
+   stages, stage ``k`` carrying the calibration set from the input of group ``k − 1`` to the
+   input of group ``k`` with the groups before it already quantized in place, and folding
+   that input into the statistics the group's methods declare (GPTQ's Hessian
    ``H = 2·XᵀX/n``, per-channel activation magnitudes, ...; see
-   :mod:`jquant.quantizers.stats`), collected once for linears that share the input, and
-   each linear is quantized by the method its rule names, through the method registry
-   (data-free methods such as ``rtn`` and ``hqq`` need no statistics);
-2. the block's *quantized* outputs become the next block's inputs.
+   :mod:`jquant.quantizers.stats`) in the same jitted call; each linear is then quantized by
+   the method its rule names, through the method registry (data-free methods such as
+   ``rtn`` and ``hqq`` need no statistics). Every part of the block runs once per
+   calibration window: the whole sequential solve costs one forward pass;
+2. the last stage's output, computed with the *quantized* block, is the next block's input.
 
-Only one block's weights, Hessians and activations are live at a time (the hidden
-states of the calibration set are the working set). After every block its quantized
+Only one block's weights, statistics and activations are live at a time (the hidden
+states of the calibration set, and between stages one intermediate activation, are the
+working set, kept in memory). Every ``checkpoint_every`` seconds the finished blocks'
 parameters and the hidden states are written to ``work_dir`` atomically; a job killed at
-any point and started again with the same arguments continues after the last finished
-block and gives bit-identical results.
+any point and started again with the same arguments continues after the last resume point
+and gives bit-identical results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,21 +42,16 @@ from flax import nnx
 from jquant import checkpoint
 from jquant._atomic import write_json, write_npy
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
+from jquant.models.llama import DecoderBlock
 from jquant.qtensor import is_qtensor
 from jquant.quantizers import gptq, registry, rtn
 from jquant.quantizers.stats import Collector
 from jquant.spec import Rule, compile_rules, match, path_str
 from jquant.tree import quantize_tree
 
-# Linears of a Llama block, in true-sequential order; a group shares one input. With each
-# group, the operation that produces its input, where a per-input-channel scale can be folded
-# (AWQ): a norm weight ("scale") or the output columns of a kernel ("columns").
-BLOCK_STRUCTURE = (
-    (("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), ("scale", "input_layernorm/scale")),
-    (("self_attn/o_proj",), ("columns", "self_attn/v_proj/kernel")),
-    (("mlp/gate_proj", "mlp/up_proj"), ("scale", "post_attention_layernorm/scale")),
-    (("mlp/down_proj",), ("columns", "mlp/up_proj/kernel")),
-)
+# Linears of a Llama block, in true-sequential order, with where AWQ folds its scales
+# (the model's own table; the pipeline reads it from the model it is given).
+BLOCK_STRUCTURE = DecoderBlock.LINEAR_GROUPS
 SEQUENTIAL_GROUPS = tuple(names for names, _ in BLOCK_STRUCTURE)
 _BLOCK_LINEAR = re.compile(r"^layers/\d+/(" + "|".join(n for g in SEQUENTIAL_GROUPS for n in g) + r")/kernel$")
 
@@ -90,9 +89,14 @@ def _leaf(state, path: str):
 
 
 def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None = None, batch_size: int = 8,
-                   progress: bool = True, model_id: str = "",
-                   on_layer: Callable[[LayerLog], None] | None = None):
+                   progress: bool = True, model_id: str = "", checkpoint_every: float = 60.0,
+                   on_layer: Callable[[LayerLog], None] | None = None, timings: dict | None = None):
     """Quantize a Llama-family NNX model by ``rules``, calibrating data-driven methods on ``tokens``.
+
+    Each block runs once over the calibration set, in the stages of
+    :meth:`~jquant.models.DecoderBlock.calibration_stage`: stage ``k`` computes the input of
+    linear group ``k`` from the previous stage's output (kept in memory) with groups ``< k``
+    already quantized, and folds it into the group's statistics in the same jitted call.
 
     Args:
       model: a :class:`jquant.models.Llama` (left unchanged).
@@ -101,12 +105,24 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         rule names (:mod:`jquant.quantizers`), given the input statistics the method declares;
         other leaves (embedding, head, norms) go through :func:`jquant.quantize_tree` and
         must use data-free methods (a SpecError says so before any work).
-      work_dir: where per-block results go; an unfinished job in it is resumed.
+      work_dir: where the resume point goes; an unfinished job in it is resumed.
       batch_size: calibration windows per forward pass.
       model_id: a string naming the model (part of the job's fingerprint for resumption).
+      checkpoint_every: seconds of work between resume points in ``work_dir`` (the finished
+        blocks' parameters and the hidden states after them, written atomically); 0 writes
+        one after every block. A killed job loses at most this much work.
+      timings: if a dict, the wall seconds of each phase are added to it: ``embed``,
+        ``forward`` (the stages with their statistics), ``prepare`` (e.g. AWQ's search),
+        ``solve`` (the methods), ``baseline`` (the logged reconstruction errors),
+        ``checkpoint`` (resume points).
     Returns:
       ``(state, logs)``: the quantized ``nnx.State`` (``nnx.update`` a model with it) and
       one :class:`LayerLog` per quantized block linear.
+    Raises:
+      DataError: non-integer, empty or out-of-vocabulary tokens, a bad batch size.
+      SpecError: a data-driven rule outside the block linears.
+      CheckpointError: ``work_dir`` holds an unfinished job with other arguments.
+      NonFiniteError: NaN/Inf in the calibration statistics or the block outputs.
     """
     tokens = np.asarray(tokens)
     if not np.issubdtype(tokens.dtype, np.integer):
@@ -114,6 +130,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     tokens = tokens.astype(np.int32)
+    clock = _Clock(timings)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise DataError(f"calibration tokens must be a non-empty (n, seq_len) array, got shape {tokens.shape}")
     config = model.config
@@ -123,54 +140,51 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     graphdef, state = nnx.split(model)
     _check_data_driven_leaves(state, compiled)
     n_layers = len(model.layers)
+    groups = type(model.layers[0]).LINEAR_GROUPS
     logs: list[LayerLog] = []
 
     fp = _fingerprint(tokens, rules, f"{model_id}|{batch_size}|{n_layers}")
     done = -1
-    if work_dir is not None:
-        os.makedirs(os.path.join(work_dir, "blocks"), exist_ok=True)
-        prog_path = os.path.join(work_dir, "progress.json")
-        if os.path.isfile(prog_path):
-            with open(prog_path) as fh:
-                prog = json.load(fh)
-            if prog.get("fingerprint") != fp:
-                raise CheckpointError(f"{work_dir}: holds an unfinished job with other arguments (model, rules, "
-                                      "calibration tokens or batch size); use another work_dir or delete it")
-            done = int(prog["done"])
-            logs = [LayerLog(**e) for e in prog.get("logs", [])]
+    resume = _Resume(work_dir, fp) if work_dir is not None else None
+    if resume is not None:
+        done, logs = resume.load()
 
-    # Block functions, jitted once per block structure.
+    # Stage functions, jitted once per (stage, statistics) for the block structure.
     block_gd = nnx.split(model.layers[0])[0]
+    stage_fns: dict = {}
 
-    @jax.jit
-    def run_block(bstate, h):
-        return nnx.merge(block_gd, bstate)(h)[0]
-
-    stat_fns = {}
-
-    def stat_fn(name: str, names: tuple[str, ...]):
-        """Jitted ``(block state, hidden, stats) -> stats`` folding one batch of ``name``'s input."""
-        if (name, names) not in stat_fns:
+    def stage_fn(k: int, names: tuple[str, ...]):
+        """Jitted ``(block state, carry, stats) -> (carry, stats)``: stage ``k``, folding its
+        output's statistics ``names``."""
+        if (k, names) not in stage_fns:
             coll = Collector(names)
 
-            @jax.jit
-            def f(bstate, h, st):
-                _, inputs = nnx.merge(block_gd, bstate).forward_with_inputs(h)
-                return coll.update(st, inputs[name])
+            def f(bstate, carry, st):
+                carry, x = nnx.merge(block_gd, bstate).calibration_stage(k, carry)
+                return carry, (coll.update(st, x) if names else st)
 
-            stat_fns[(name, names)] = f
-        return stat_fns[(name, names)]
+            stage_fns[(k, names)] = jax.jit(f)
+        return stage_fns[(k, names)]
+
+    def finalize(coll: Collector, st, where: str) -> dict:
+        stats = coll.finalize(st)
+        for k, v in stats.items():
+            if not bool(jnp.all(jnp.isfinite(v))):
+                raise NonFiniteError(at(where, f"calibration statistic {k!r} holds NaN/Inf "
+                                               "(NaN/Inf in the calibration activations)"))
+        return stats
 
     @jax.jit
     def embed(t):
         return nnx.merge(graphdef, state).embed(t)
 
     batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
-    hidden_path = os.path.join(work_dir, "hidden.npy") if work_dir else None
     if done >= 0:
-        h_all = np.load(hidden_path)
+        hidden = [jnp.asarray(x) for x in resume.hidden(batches)]
     else:
-        h_all = np.concatenate([np.asarray(embed(jnp.asarray(tokens[b]))) for b in batches])
+        with clock("embed"):
+            hidden = [embed(jnp.asarray(tokens[b])) for b in batches]  # one (batch, seq, hidden) array per batch
+            jax.block_until_ready(hidden)
 
     bar = None
     if progress:
@@ -178,34 +192,32 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
 
         bar = tqdm(total=n_layers, initial=done + 1, desc="calibrate", unit="block", disable=None)
     block_states = {}
+    last_save = time.perf_counter()
     for i in range(n_layers):
         prefix = f"layers/{i}/"
         if i <= done:  # finished before: take its saved parameters
-            bst_saved = checkpoint.restore(os.path.join(work_dir, "blocks", f"{i:03d}"),
-                                           target=nnx.split(model.layers[i])[1])
-            block_states[i] = bst_saved
+            block_states[i] = resume.block(i, nnx.split(model.layers[i])[1])
             continue
         t_block = time.perf_counter()
         _, bstate = nnx.split(model.layers[i])
 
         def collect(bstate, leader: str, names) -> dict:
-            """The statistics ``names`` of ``leader``'s input over the calibration set (one pass)."""
+            """The statistics ``names`` of ``leader``'s input over the calibration set, running
+            the block's stages up to it from the block input (for ``prepare`` hooks)."""
+            k = next(j for j, (g, _) in enumerate(groups) if leader in g)
             names = tuple(sorted(set(names)))
             coll = Collector(names)
             st = coll.init(_leaf(bstate, f"{leader}/kernel").shape[0])
-            f = stat_fn(leader, names)
-            for b in batches:
-                st = f(bstate, jnp.asarray(h_all[b]), st)
-            stats = coll.finalize(st)
-            for k, v in stats.items():
-                if not bool(jnp.all(jnp.isfinite(v))):
-                    raise NonFiniteError(at(f"{prefix}{leader}", f"calibration statistic {k!r} holds NaN/Inf "
-                                                                 "(NaN/Inf in the calibration activations)"))
-            return stats
+            for h in hidden:
+                carry = {"h": h}
+                for j in range(k):
+                    carry, _ = stage_fn(j, ())(bstate, carry, ())
+                _, st = stage_fn(k, names)(bstate, carry, st)
+            return finalize(coll, st, f"{prefix}{leader}")
 
         block_specs = {}
-        for group in SEQUENTIAL_GROUPS:
-            for name in group:
+        for names, _ in groups:
+            for name in names:
                 _, spec = match(f"{prefix}{name}/kernel", compiled)
                 if spec is not None:
                     block_specs[name] = spec
@@ -213,54 +225,41 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         for mname in sorted({sp.method for sp in block_specs.values()}):
             m = registry.get(mname)
             if m.prepare is not None:
-                bstate, pinfo = m.prepare(bstate, BLOCK_STRUCTURE, block_specs, collect, _replace, _leaf,
-                                          prefix=prefix)
-                for names, _ in BLOCK_STRUCTURE:
+                with clock("prepare"):
+                    bstate, pinfo = m.prepare(bstate, groups, block_specs, collect, _replace, _leaf, prefix=prefix)
+                for names, _ in groups:
                     if names[0] in pinfo:
                         for n in names:
                             prepared[n] = {f"{mname}": pinfo[names[0]]}
-        for group in SEQUENTIAL_GROUPS:
-            specs = {n: block_specs[n] for n in group if n in block_specs}
-            if not specs:
-                continue
+        carries = [{"h": h} for h in hidden]
+        del hidden
+        for k, (names, _) in enumerate(groups):
+            specs = {n: block_specs[n] for n in names if n in block_specs}
             needed = tuple(sorted({n for sp in specs.values() for n in registry.get(sp.method).stats_for(sp)}))
-            stats = collect(bstate, group[0], needed) if needed else {}
-            H = stats.get("hessian")
+            coll = Collector(needed)
+            st = coll.init(_leaf(bstate, f"{names[0]}/kernel").shape[0]) if needed else ()
+            f = stage_fn(k, needed)
+            with clock("forward"):
+                for j, carry in enumerate(carries):
+                    carries[j], st = f(bstate, carry, st)
+                stats = finalize(coll, st, f"{prefix}{names[0]}") if needed else {}
             new = {}
             for name, spec in specs.items():
-                path = f"{prefix}{name}/kernel"
-                w = _leaf(bstate, f"{name}/kernel")
-                t0 = time.perf_counter()
-                entry = LayerLog(path=path, method=spec.method, seconds=0.0)
-                qt, info = registry.quantize_weight(w, spec, stats, path=path, prepared=True)
-                entry.loss, entry.damp = info.get("loss"), info.get("damp")
-                entry.extra = prepared.get(name)
-                jax.block_until_ready(qt.codes)
-                entry.seconds = time.perf_counter() - t0
-                if H is not None:
-                    entry.recon = gptq.reconstruction_error(w, qt, H)
-                    # RTN on the same grid as the baseline, where RTN can take the format and the
-                    # weight is the original one (after AWQ's folding it is not: its own search
-                    # losses, in ``extra``, compare with RTN instead).
-                    transformed = any(isinstance(v, dict) for v in (prepared.get(name) or {}).values())
-                    if spec.format in registry.get("rtn").formats and not transformed:
-                        rspec = dataclasses.replace(spec, method="rtn", options=())
-                        entry.recon_rtn = gptq.reconstruction_error(w, rtn.quantize(w, rspec, path=path), H)
-                new[f"{name}/kernel"] = qt
-                logs.append(entry)
-                if on_layer is not None:
-                    on_layer(entry)
+                new[f"{name}/kernel"] = _quantize_linear(bstate, name, spec, stats, prefix, prepared.get(name), logs,
+                                                         on_layer, clock)
             bstate = _replace(bstate, new)
-        # Push the quantized block's outputs forward.
-        h_all = np.concatenate([np.asarray(run_block(bstate, jnp.asarray(h_all[b]))) for b in batches])
-        if not np.all(np.isfinite(h_all)):
-            raise NonFiniteError(f"{prefix[:-1]}: block outputs hold NaN/Inf after quantization")
+        # The quantized block's outputs are the next block's inputs.
+        f = stage_fn(len(groups), ())
+        with clock("forward"):
+            hidden = [f(bstate, carry, ())[0]["h"] for carry in carries]
+            del carries
+            if not all(bool(jnp.all(jnp.isfinite(h))) for h in hidden):
+                raise NonFiniteError(f"{prefix[:-1]}: block outputs hold NaN/Inf after quantization")
         block_states[i] = bstate
-        if work_dir is not None:
-            checkpoint.save(os.path.join(work_dir, "blocks", f"{i:03d}"), bstate, overwrite=True)
-            write_npy(hidden_path, h_all)
-            write_json(prog_path, {"fingerprint": fp, "done": i,
-                                           "logs": [dataclasses.asdict(e) for e in logs]})
+        if resume is not None and (time.perf_counter() - last_save >= checkpoint_every or i == n_layers - 1):
+            with clock("checkpoint"):
+                resume.save(i, block_states, hidden, logs)
+            last_save = time.perf_counter()
         if bar is not None:
             block_logs = [e for e in logs if e.path.startswith(prefix)]
             worst = max((e.recon / e.recon_rtn for e in block_logs if e.recon and e.recon_rtn), default=float("nan"))
@@ -283,6 +282,107 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         warnings.simplefilter("ignore")  # rules for block linears match nothing here
         out = quantize_tree(out, rest_rules)
     return out, logs
+
+
+def _quantize_linear(bstate, name: str, spec, stats: dict, prefix: str, prepared: dict | None,
+                     logs: list[LayerLog], on_layer, clock) -> object:
+    """Quantize one block linear through the method registry and log it."""
+    path = f"{prefix}{name}/kernel"
+    w = _leaf(bstate, f"{name}/kernel")
+    t0 = time.perf_counter()
+    entry = LayerLog(path=path, method=spec.method, seconds=0.0)
+    with clock("solve"):
+        qt, info = registry.quantize_weight(w, spec, stats, path=path, prepared=True)
+        jax.block_until_ready(qt.codes)
+    entry.loss, entry.damp = info.get("loss"), info.get("damp")
+    entry.extra = prepared
+    entry.seconds = time.perf_counter() - t0
+    H = stats.get("hessian")
+    if H is not None:
+        with clock("baseline"):
+            entry.recon = gptq.reconstruction_error(w, qt, H)
+            # RTN on the same grid as the baseline, where RTN can take the format and the
+            # weight is the original one (after AWQ's folding it is not: its own search
+            # losses, in ``extra``, compare with RTN instead).
+            transformed = any(isinstance(v, dict) for v in (prepared or {}).values())
+            if spec.format in registry.get("rtn").formats and not transformed:
+                rspec = dataclasses.replace(spec, method="rtn", options=())
+                entry.recon_rtn = gptq.reconstruction_error(w, rtn.quantize(w, rspec, path=path), H)
+    logs.append(entry)
+    if on_layer is not None:
+        on_layer(entry)
+    return qt
+
+
+class _Clock:
+    """Adds the wall seconds of ``with clock(phase):`` blocks to ``timings[phase]`` (a no-op
+    without a dict)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.timings is None:
+            yield
+            return
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t
+
+
+class _Resume:
+    """A calibration job's resume point in ``work_dir``: ``progress.json`` (the job's
+    fingerprint, the last finished block ``done``, the logs so far, the hidden states'
+    dtype), ``blocks/NNN`` (each finished block's parameters) and ``hidden.npy`` (the
+    calibration set's hidden states after block ``done``, raw bytes of the model's dtype, so
+    bfloat16 survives), each written atomically, ``progress.json`` last."""
+
+    def __init__(self, work_dir: str, fingerprint: str):
+        self.dir, self.fp = work_dir, fingerprint
+        self.progress = os.path.join(work_dir, "progress.json")
+        self.hidden_path = os.path.join(work_dir, "hidden.npy")
+        self.saved: set[int] = set()
+        self.dtype = None
+        os.makedirs(os.path.join(work_dir, "blocks"), exist_ok=True)
+
+    def load(self) -> tuple[int, list[LayerLog]]:
+        if not os.path.isfile(self.progress):
+            return -1, []
+        try:
+            with open(self.progress) as fh:
+                prog = json.load(fh)
+            done, logs, self.dtype = int(prog["done"]), [LayerLog(**e) for e in prog.get("logs", [])], prog["dtype"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.progress}: unreadable resume point ({type(e).__name__}: {e}); delete "
+                                  f"{self.dir} to start again") from e
+        if prog.get("fingerprint") != self.fp:
+            raise CheckpointError(f"{self.dir}: holds an unfinished job with other arguments (model, rules, "
+                                  "calibration tokens or batch size); use another work_dir or delete it")
+        self.saved = set(range(done + 1))
+        return done, logs
+
+    def hidden(self, batches) -> list[np.ndarray]:
+        arr = np.load(self.hidden_path)
+        dt = jnp.dtype(self.dtype)
+        if arr.dtype != dt:
+            arr = arr.view(dt)
+        return [arr[b] for b in batches]
+
+    def block(self, i: int, target):
+        return checkpoint.restore(os.path.join(self.dir, "blocks", f"{i:03d}"), target=target)
+
+    def save(self, done: int, block_states: dict, hidden: list, logs: list[LayerLog]) -> None:
+        for i in range(done + 1):
+            if i not in self.saved:
+                checkpoint.save(os.path.join(self.dir, "blocks", f"{i:03d}"), block_states[i], overwrite=True)
+                self.saved.add(i)
+        h = np.concatenate([np.asarray(x) for x in hidden])
+        write_npy(self.hidden_path, h)
+        write_json(self.progress, {"fingerprint": self.fp, "done": done, "dtype": h.dtype.name,
+                                   "logs": [dataclasses.asdict(e) for e in logs]})
 
 
 def _check_data_driven_leaves(state, compiled) -> None:

@@ -104,15 +104,18 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     calib_info = None
+    stages: dict[str, float] = {}  # wall seconds by stage of the calibration job
     if data_driven:
         bar.close()
         if tok is None:
             print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
             return 2
+        t_tok = time.perf_counter()
         toks = _calibration_tokens(out, tok, cal, config.vocab_size, model, progress=not args.quiet)
+        stages["calibration_text"] = time.perf_counter() - t_tok
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
                                                 batch_size=cal["batch_size"], progress=not args.quiet,
-                                                model_id=model_path)
+                                                model_id=model_path, timings=stages)
         seen.extend(e.path for e in logs)
         seen.extend(x.path for x in jq.summary(qstate).quantized if not x.path.startswith("layers/"))
         calib_info = {**cal, "layers": [dataclasses.asdict(e) for e in logs]}
@@ -134,7 +137,7 @@ def cmd_quantize(args) -> int:
         "float_param_bytes": s_float.nbytes, "quant_param_bytes": s_q.nbytes,
         "bits_per_weight_all": s_q.bits_per_weight, "bits_per_weight_quantized": s_q.quantized_bits_per_weight,
         "checkpoint_bytes_on_disk": _dir_bytes(ckpt),
-        "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
+        "seconds": {"load": t_load, "quantize": t_quant, "save": t_save, **stages},
         "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "layers"},
     }
     write_json(os.path.join(out, MANIFEST), manifest)

@@ -85,7 +85,7 @@ def test_resume_after_kill_is_bit_identical(tiny, gptq_run, tmp_path):
 
     with pytest.raises(Kill):
         calibrate.quantize_model(model, toks, [(LIN, GPTQ3)], work_dir=str(tmp_path), progress=False,
-                                 on_layer=killer)
+                                 on_layer=killer, checkpoint_every=0)
     assert json.load(open(os.path.join(tmp_path, "progress.json")))["done"] == 0
     resumed, logs = calibrate.quantize_model(model, toks, [(LIN, GPTQ3)], work_dir=str(tmp_path), progress=False)
     a = jax.tree_util.tree_leaves(state)
@@ -170,3 +170,67 @@ def test_all_zero_hessian_is_a_failed_calibration():
     w = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
     with pytest.raises(DataError, match=r"^l/kernel: Hessian is all zeros: no calibration input reached"):
         gptq_quantize(w, np.zeros((32, 32), np.float32), GPTQ3, path="l/kernel")
+
+
+def test_calibration_stages_compose_to_the_block(tiny):
+    """The stages run every part of the block once and give the block's output and the
+    inputs forward_with_inputs captures, bit for bit."""
+    model, toks = tiny
+    block = model.layers[1]
+    h = model.embed(jnp.asarray(toks[:4]))
+    out, inputs = block.forward_with_inputs(h)
+    carry = {"h": h}
+    for k, (names, _) in enumerate(block.LINEAR_GROUPS):
+        carry, x = block.calibration_stage(k, carry)
+        for n in names:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(inputs[n]), err_msg=n)
+    carry, x = block.calibration_stage(len(block.LINEAR_GROUPS), carry)
+    assert x is None and set(carry) == {"h"}
+    np.testing.assert_array_equal(np.asarray(carry["h"]), np.asarray(out))
+
+
+def test_timings_by_phase(tiny):
+    model, toks = tiny
+    tm = {}
+    calibrate.quantize_model(model, toks[:8], [(LIN, GPTQ3)], progress=False, timings=tm)
+    assert {"embed", "forward", "solve", "baseline"} <= set(tm) and all(v > 0 for v in tm.values())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_resume_keeps_the_model_dtype_and_resume_interval(tiny, tmp_path, dtype):
+    """A bfloat16 job resumes bit-identically (the hidden states keep their dtype on disk);
+    with a long checkpoint interval a killed job has no resume point and starts again."""
+    model, toks = tiny
+    m = init_model(model.config, dtype=jnp.dtype(dtype), key=0)
+    ref, _ = calibrate.quantize_model(m, toks, [(LIN, GPTQ3)], progress=False)
+
+    class Kill(Exception):
+        pass
+
+    def killer(e):
+        if e.path == "layers/2/self_attn/o_proj/kernel":
+            raise Kill
+
+    for every, done in ((0, 1), (1e9, None)):
+        wd = str(tmp_path / f"w{every}")
+        with pytest.raises(Kill):
+            calibrate.quantize_model(m, toks, [(LIN, GPTQ3)], work_dir=wd, progress=False, on_layer=killer,
+                                     checkpoint_every=every)
+        prog = os.path.join(wd, "progress.json")
+        if done is None:
+            assert not os.path.exists(prog)
+        else:
+            saved = json.load(open(prog))
+            assert saved["done"] == done and saved["dtype"] == dtype
+        resumed, _ = calibrate.quantize_model(m, toks, [(LIN, GPTQ3)], work_dir=wd, progress=False)
+        for x, y in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(resumed)):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unreadable_resume_point_is_a_checkpoint_error(tiny, tmp_path):
+    model, toks = tiny
+    with open(tmp_path / "progress.json", "w") as fh:
+        fh.write('{"fingerprint": "x", "do')
+    with pytest.raises(CheckpointError, match="progress.json: unreadable resume point"):
+        calibrate.quantize_model(model, toks, [(LIN, GPTQ3)], work_dir=str(tmp_path), progress=False)

@@ -372,6 +372,15 @@ class Attention(nnx.Module):
         Returns:
           ``(out (batch, seq, hidden), new_kv or None)``.
         """
+        out, kv = self.heads(x, positions, kv, index)
+        if capture is not None:
+            capture["o_proj"] = out
+        return self.o_proj(out), kv
+
+    def heads(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
+              index: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
+        """Attention up to ``o_proj``: the concatenated heads ``(batch, seq, heads*head_dim)``
+        (the input of ``o_proj``), and the new cache; arguments as :meth:`__call__`."""
         c = self.config
         b, t, _ = x.shape
         g = c.num_kv_groups
@@ -402,9 +411,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_attention_heads * c.head_dim)
-        if capture is not None:
-            capture["o_proj"] = out
-        return self.o_proj(out), kv
+        return out, kv
 
 
 class MLP(nnx.Module):
@@ -417,14 +424,33 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, capture: dict | None = None) -> Array:
-        a = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        a = self.gated(x)
         if capture is not None:
             capture["down_proj"] = a
         return self.down_proj(a)
 
+    def gated(self, x: Array) -> Array:
+        """``silu(gate(x)) * up(x)``: the input of ``down_proj``."""
+        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+
 
 class DecoderBlock(nnx.Module):
-    """One pre-norm decoder block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+    """One pre-norm decoder block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``.
+
+    For true-sequential calibration (GPTQ, arXiv:2210.17323) the block also runs in
+    :meth:`calibration_stage` pieces, one per group of :attr:`LINEAR_GROUPS`.
+    """
+
+    # The block's linears in groups that share one input, in the order the forward pass
+    # reaches them; with each group, the operation that produces its input, where a
+    # per-input-channel scale can be folded (AWQ): a norm weight ("scale") or the output
+    # columns of a kernel ("columns").
+    LINEAR_GROUPS = (
+        (("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), ("scale", "input_layernorm/scale")),
+        (("self_attn/o_proj",), ("columns", "self_attn/v_proj/kernel")),
+        (("mlp/gate_proj", "mlp/up_proj"), ("scale", "post_attention_layernorm/scale")),
+        (("mlp/down_proj",), ("columns", "mlp/up_proj/kernel")),
+    )
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -466,6 +492,44 @@ class DecoderBlock(nnx.Module):
           ``(h_out, new_kv)``; ``new_kv`` is ``None`` when ``kv`` is.
         """
         return self._forward(h, positions, kv, index, None)
+
+    def calibration_stage(self, k: int, carry: dict[str, Array],
+                          positions: Array | None = None) -> tuple[dict[str, Array], Array | None]:
+        """Stage ``k`` of the block, for true-sequential calibration.
+
+        Stage ``k`` (``0 <= k < len(LINEAR_GROUPS)``) runs the part of the block between the
+        input of group ``k - 1`` and the input of group ``k``, with whatever weights the block
+        holds then (the pipeline has quantized groups ``< k`` in place); stage
+        ``len(LINEAR_GROUPS)`` finishes the block. Each part of the block runs in exactly one
+        stage, so the stages together cost one forward pass.
+
+        Args:
+          k: the stage.
+          carry: what the previous stage returned; stage 0 takes ``{"h": block input}``
+            ``(batch, seq, hidden)``.
+          positions: rotary positions (default ``arange(seq)``).
+        Returns:
+          ``(carry, x)``: ``x`` is the input of group ``k``'s linears (``None`` for the last
+          stage, whose carry is ``{"h": block output}``).
+        """
+        h = carry["h"]
+        if k == 0:
+            return {"h": h}, self.input_layernorm(h)
+        if k == 1:
+            b, t, _ = h.shape
+            if positions is None:
+                positions = _default_positions(b, t, 0)
+            a, _ = self.self_attn.heads(self.input_layernorm(h), positions)
+            return {"h": h, "a": a}, a
+        if k == 2:
+            h = h + self.self_attn.o_proj(carry["a"])
+            return {"h": h}, self.post_attention_layernorm(h)
+        if k == 3:
+            a = self.mlp.gated(self.post_attention_layernorm(h))
+            return {"h": h, "a": a}, a
+        if k == 4:
+            return {"h": h + self.mlp.down_proj(carry["a"])}, None
+        raise ValueError(f"calibration_stage: k={k} outside 0..{len(self.LINEAR_GROUPS)}")
 
     def forward_with_inputs(self, h: Array, positions: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """The block output and the input of each of its linears (for calibration).
