@@ -116,7 +116,7 @@ class GGUFFile:
         if n * min_item_bytes > left:
             raise self._fail(f"declares {n} {what} at byte {self._pos - 8}; each takes at least "
                              f"{min_item_bytes} bytes and only {left} remain, so at most {left // min_item_bytes} "
-                             "would fit: corrupt or hostile GGUF file")
+                             "would fit: truncated, corrupt or hostile GGUF file")
         return n
 
     # -- the file ----------------------------------------------------------------------------

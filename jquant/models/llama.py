@@ -218,6 +218,8 @@ class LlamaConfig:
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         rp = d.get("rope_parameters")
+        if rp is not None and not isinstance(rp, Mapping):
+            raise CheckpointError(f"rope_parameters={short(rp)}: must be a mapping or null")
         if isinstance(rp, Mapping):
             rp = dict(rp)
             rope_theta = rp.pop("rope_theta", rope_theta)
