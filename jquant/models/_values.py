@@ -7,24 +7,12 @@ message names ``what`` (the file and key), the value and what would be valid.
 from __future__ import annotations
 
 import math
-import reprlib
 
 import numpy as np
 
-from jquant.errors import CheckpointError
+from jquant.errors import CheckpointError, NonFiniteError, short
 
 MAX_SIZE = 2**31 - 1  # no hidden size, head count, layer count or vocabulary is larger
-
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 60
-_repr.maxlist = _repr.maxdict = _repr.maxtuple = 6
-_repr.maxlevel = 3
-
-
-def short(value) -> str:
-    """A bounded ``repr`` of a value read from a file (it may be huge or deeply nested)."""
-    return _repr.repr(value)
-
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -62,3 +50,12 @@ def positive_float(value, what: str) -> float:
             or not math.isfinite(value) or value <= 0:
         raise CheckpointError(f"{what}={short(value)}: must be a finite positive number")
     return float(value)
+
+
+def finite(arr: np.ndarray, what: str) -> np.ndarray:
+    """``arr`` if every value is finite; a NaN or Inf weight means a corrupt file."""
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {arr.size} values are NaN or Inf; weights must be finite "
+                             "(corrupt file?)")
+    return arr

@@ -29,7 +29,7 @@ import numpy as np
 
 from jquant.errors import CheckpointError, UnsupportedModelError
 from jquant.models._gguf_file import GGUFFile, TensorInfo
-from jquant.models._values import positive_float, short, size, token_id
+from jquant.models._values import finite, positive_float, short, size, token_id
 from jquant.models.llama import Llama, LlamaConfig, abstract_model
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -331,7 +331,7 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
         if _numpy_shape(t) != want:
             raise CheckpointError(f"{path}: tensor {t.name!r} has shape {_numpy_shape(t)}, "
                                   f"but the metadata implies {want}")
-        arr = _dequantize(t, path)
+        arr = finite(_dequantize(t, path), f"{path}: tensor {t.name!r} ({t.tensor_type.name})")
         n_head = _qk_heads(t.name, config)
         if permute and n_head is not None:
             arr = unpermute_qk(arr, n_head)

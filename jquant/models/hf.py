@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.errors import CheckpointError, UnsupportedModelError
-from jquant.models._values import MAX_SIZE, short
+from jquant.models._values import MAX_SIZE, finite, short
 from jquant.models.layers import is_qtensor
 from jquant.models.llama import Llama, LlamaConfig, abstract_model
 
@@ -336,6 +336,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
     for f, items in plan.items():
         dtypes = {name: headers[f][name].dtype for name, _, _ in items}
         for (name, var, p), (_, arr) in zip(items, _read_tensors(f, list(dtypes), dtypes)):
+            finite(arr, f"{f}: tensor {name!r} ({headers[f][name].dtype})")
             if _is_kernel(p):
                 arr = arr.T
             var.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))

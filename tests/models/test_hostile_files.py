@@ -338,3 +338,22 @@ def test_no_unpickling_anywhere():
             for p in (REPO / folder).rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
+
+
+# -- weights that are not finite --------------------------------------------------------------------
+
+def test_nan_weights_refused(tmp_path, tiny, ckpt):
+    from safetensors.numpy import load_file, save_file
+
+    from jquant.errors import NonFiniteError
+
+    w = np.ones((160, 64), np.float32)
+    w[3, :5] = np.nan
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tiny, replace={"blk.1.ffn_up.weight": w})
+    _refused(NonFiniteError, lambda: load_gguf(f, tokenizer=False),
+             r"m.gguf: tensor 'blk.1.ffn_up.weight' \(F32\): 5 of 10240 values are NaN or Inf")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[W] = np.full((160, 64), np.inf, np.float32)
+    save_file(tensors, ckpt / "model.safetensors")
+    _refused(NonFiniteError, lambda: load_hf(ckpt), rf"model.safetensors: tensor '{W}' \(F32\): 10240 of 10240")
