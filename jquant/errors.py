@@ -6,6 +6,8 @@ tree path (or file), the offending value and what would be valid.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class JQuantError(Exception):
     """Base class of every jquant error."""
@@ -46,3 +48,14 @@ class RuleWarning(UserWarning):
 def at(path: str | None, msg: str) -> str:
     """Prefix a message with the tree path it concerns."""
     return f"{path}: {msg}" if path else msg
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlist = _repr.maxdict = _repr.maxtuple = _repr.maxset = 6
+_repr.maxlevel = 3
+
+
+def short(value) -> str:
+    """A bounded ``repr`` for messages: values read from files may be huge, deep or self-referential."""
+    return _repr.repr(value)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from jquant.errors import SpecError
+from jquant.errors import SpecError, short
 from jquant.spec import QuantSpec, Rule
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -65,9 +65,9 @@ def check_calibration(cal, source: str) -> dict[str, Any]:
     for k, v in cal.items():
         typ, lowest = CALIBRATION_KEYS[k]
         if not isinstance(v, typ) or isinstance(v, bool):
-            raise SpecError(f"{source}: calibration {k}={v!r} must be {'an integer' if typ is int else 'a string'}")
+            raise SpecError(f"{source}: calibration {k}={short(v)} must be {'an integer' if typ is int else 'a string'}")
         if lowest is not None and v < lowest:
-            raise SpecError(f"{source}: calibration {k}={v!r} must be >= {lowest}")
+            raise SpecError(f"{source}: calibration {k}={short(v)} must be >= {lowest}")
     return dict(cal)
 
 
@@ -75,6 +75,7 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     """A Recipe from its mapping; every key is checked (a misspelt one is an error, never ignored)."""
     if not isinstance(d, dict) or "rules" not in d:
         raise SpecError(f"{source}: a recipe needs a 'rules' list")
+    _check_size(d, source)
     unknown = set(d) - set(RECIPE_KEYS)
     if unknown:
         raise SpecError(f"{source}: unknown recipe key(s) {sorted(unknown)}; valid: {', '.join(RECIPE_KEYS)}")
@@ -83,14 +84,14 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     rules = []
     for i, r in enumerate(d["rules"]):
         if not isinstance(r, dict) or "pattern" not in r or "spec" not in r:
-            raise SpecError(f"{source}: rule {i} needs 'pattern' and 'spec' keys, got {r!r}")
+            raise SpecError(f"{source}: rule {i} needs 'pattern' and 'spec' keys, got {short(r)}")
         extra = set(r) - set(RULE_KEYS)
         if extra:
             raise SpecError(f"{source}: rule {i} has unknown key(s) {sorted(extra)}; valid: {', '.join(RULE_KEYS)}")
         if not isinstance(r["pattern"], str):
-            raise SpecError(f"{source}: rule {i}: pattern must be a string, got {r['pattern']!r}")
+            raise SpecError(f"{source}: rule {i}: pattern must be a string, got {short(r['pattern'])}")
         if r["spec"] is not None and not isinstance(r["spec"], dict):
-            raise SpecError(f"{source}: rule {i} ({r['pattern']!r}): spec must be a mapping or null, got {r['spec']!r}")
+            raise SpecError(f"{source}: rule {i} ({r['pattern']!r}): spec must be a mapping or null, got {short(r['spec'])}")
         try:
             spec = None if r["spec"] is None else QuantSpec.from_dict(r["spec"])
         except SpecError as e:
@@ -98,7 +99,10 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
         except TypeError as e:  # a value of the wrong type deep in a comparison
             raise SpecError(f"{source}: rule {i} ({r['pattern']!r}): {e}") from e
         rules.append((r["pattern"], spec))
-    return Recipe(name=str(d.get("name", os.path.basename(source))), description=str(d.get("description", "")),
+    for key in ("name", "description"):
+        if key in d and not isinstance(d[key], str):
+            raise SpecError(f"{source}: {key} must be a string, got {short(d[key])}")
+    return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source))
 
 
@@ -110,9 +114,37 @@ def load_recipe(name_or_path: str) -> Recipe:
         if not os.path.isfile(cand):
             raise SpecError(f"no recipe {name_or_path!r}: not a file, and not one of {', '.join(available())}")
         path = cand
-    with open(path) as fh:
-        try:
-            d = yaml.safe_load(fh)
-        except yaml.YAMLError as e:
-            raise SpecError(f"{path}: invalid YAML: {e}") from e
+    size = os.path.getsize(path)
+    if size > MAX_RECIPE_BYTES:
+        raise SpecError(f"{path}: a recipe of {size} bytes; at most {MAX_RECIPE_BYTES} are expected")
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_RECIPE_BYTES + 1)
+    try:
+        d = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: a recipe must be UTF-8 text ({e})") from e
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        # ValueError: e.g. an impossible timestamp; RecursionError: thousands of nested brackets
+        raise SpecError(f"{path}: invalid YAML: {type(e).__name__}: {short(str(e))}") from e
     return recipe_from_dict(d, path)
+
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+
+
+def _check_size(d, source: str) -> None:
+    """Refuse a document that expands to too many values: YAML aliases can make a 1 KB file a
+    billion-element (or self-referential) tree, which any later walk or message would expand."""
+    n, stack = 0, [d]
+    while stack:
+        o = stack.pop()
+        n += 1
+        if n > MAX_RECIPE_VALUES:
+            raise SpecError(f"{source}: the recipe expands to more than {MAX_RECIPE_VALUES} values "
+                            "(nested YAML aliases?); a recipe is a short list of rules")
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)

@@ -41,3 +41,28 @@ def test_hqq_recipes_name_hqq():
 def test_bad_recipes(doc, match):
     with pytest.raises(SpecError, match=match):
         recipes.recipe_from_dict(doc, "r.yaml")
+
+
+BOMB = ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+        "rules: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n")
+
+
+@pytest.mark.parametrize("text, match", [
+    (b"rules: []\nname: \xff\xfe\n", r"a recipe must be UTF-8 text"),
+    (b"rules: " + b"[" * 1000 + b"]" * 1000, r"invalid YAML: RecursionError"),
+    (b"rules: []\ndate: 2001-13-45\n", r"invalid YAML: ValueError"),
+    (BOMB.encode(), r"expands to more than 100000 values \(nested YAML aliases\?\)"),
+    (b"&a [*a]", r"needs a 'rules' list"),
+    (b"rules: &r [*r]", r"expands to more than 100000 values"),
+    (b"rules: []\nname: [1, 2]\n", r"name must be a string, got \[1, 2\]"),
+    (b"rules: !!python/object/apply:os.system ['echo pwned']\n", r"invalid YAML: ConstructorError"),
+], ids=["utf8", "deep", "timestamp", "alias-bomb", "self-ref", "self-ref-rules", "name", "python-tag"])
+def test_hostile_recipe_files(tmp_path, text, match):
+    """Found by the fuzzer (tests/models/test_fuzz_files.py): each raised a bare error, or expanded."""
+    f = tmp_path / "r.yaml"
+    f.write_bytes(text)
+    with pytest.raises(SpecError, match=match) as info:
+        recipes.load_recipe(str(f))
+    assert "r.yaml" in str(info.value) and len(str(info.value)) < 2000

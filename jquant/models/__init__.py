@@ -22,6 +22,7 @@ from jquant.models.gguf import (
     read_gguf_tensor,
     unpermute_qk,
 )
+from jquant.models.hf import PICKLE_SUFFIXES, refuse_pickle
 from jquant.models.hf import hf_name_to_path, load_hf, path_to_hf_name, read_config, save_hf
 from jquant.models.layers import Embed, Linear, RMSNorm, attend, dense, embed, is_qtensor, materialize
 from jquant.models.llama import (
@@ -59,10 +60,15 @@ def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llam
         if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(path))
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except Exception as e:  # transformers raises many kinds on a corrupt tokenizer file
+                raise CheckpointError(f"{path}: cannot load the tokenizer files ({type(e).__name__}: {e})") from e
         return model, config, tok
     if path.suffix == ".gguf":
         return load_gguf(path, dtype)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise refuse_pickle(path)
     raise CheckpointError(f"{path}: expected a Hugging Face model directory or a .gguf file")
 
 

@@ -1,6 +1,8 @@
 """GGUF (llama.cpp) import for Llama-architecture models (Llama, SmolLM, Mistral; Qwen2).
 
-Tensors are read with ``gguf.GGUFReader`` (memory-mapped) and dequantized one at a time with
+The header is parsed by :class:`jquant.models._gguf_file.GGUFFile`, which checks every declared
+count, length and tensor range against the file before reading (a hostile file is refused, never
+looped over or allocated); tensors are memory-mapped and dequantized one at a time with
 ``gguf.quants.dequantize``. A GGUF tensor of GGML shape ``[ne0=in, ne1=out]`` is a numpy
 ``(out, in)`` matrix (Hugging Face layout); it is transposed once to Flax ``(in, out)``.
 
@@ -26,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.errors import CheckpointError, UnsupportedModelError
+from jquant.models._gguf_file import GGUFFile, TensorInfo
+from jquant.models._values import finite, positive_float, short, size, token_id
 from jquant.models.llama import Llama, LlamaConfig, abstract_model
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,8 +93,8 @@ def default_model_path() -> Path:
     return path
 
 
-def _reader(path: str | os.PathLike):
-    """A (cached) ``gguf.GGUFReader`` of ``path``; parsing a file's header costs seconds."""
+def _reader(path: str | os.PathLike) -> GGUFFile:
+    """The (cached) parsed header of a GGUF file, every declared count and range checked."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
@@ -99,88 +103,146 @@ def _reader(path: str | os.PathLike):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, size: int, mtime_ns: int):
+def _cached_reader(path: str, size: int, mtime_ns: int) -> GGUFFile:
     """Keyed by size and mtime too, so a rewritten file is read again."""
-    import gguf
-
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # truncated / not a GGUF file
-        raise CheckpointError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
+        return GGUFFile(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from e
 
 
-def _meta(reader, key: str, default: Any = KeyError) -> Any:
-    field = reader.get_field(key)
-    if field is None:
+def _meta(reader: GGUFFile, key: str, default: Any = KeyError) -> Any:
+    if key not in reader.fields:
         if default is KeyError:
-            raise CheckpointError(f"GGUF metadata lacks {key!r}")
+            raise CheckpointError(f"{reader.path}: GGUF metadata lacks {key!r}")
         return default
-    return field.contents()
+    return reader.fields[key]
 
 
-def _tensors(reader) -> dict[str, Any]:
+def _meta_size(reader: GGUFFile, key: str, default: Any = KeyError) -> int:
+    """A positive integer from the metadata. A per-layer array is accepted when all its values are
+    equal (as llama.cpp does); differing values mean a model this converter does not support."""
+    v = _meta(reader, key, default)
+    what = f"{reader.path}: GGUF metadata {key}"
+    if isinstance(v, np.ndarray):
+        if v.size == 0 or v.dtype.kind not in "iu":
+            raise CheckpointError(f"{what}={short(v.tolist())}: must be a positive integer or a non-empty "
+                                  "per-layer array of them")
+        if (v != v[0]).any():
+            raise UnsupportedModelError(f"{what}={short(v.tolist())}: the per-layer values differ; only models "
+                                        "whose layers all have the same value are supported")
+        v = v[0].item()
+    return size(v, what)
+
+
+def _meta_float(reader: GGUFFile, key: str, default: Any = KeyError) -> float:
+    return positive_float(_meta(reader, key, default), f"{reader.path}: GGUF metadata {key}")
+
+
+def _meta_str(reader: GGUFFile, key: str, default: Any = KeyError) -> str:
+    v = _meta(reader, key, default)
+    if not isinstance(v, str):
+        raise CheckpointError(f"{reader.path}: GGUF metadata {key}={short(v)}: must be a string")
+    return v
+
+
+def _tensors(reader: GGUFFile) -> dict[str, TensorInfo]:
     return {t.name: t for t in reader.tensors}
 
 
-def _numpy_shape(t) -> tuple[int, ...]:
+def _numpy_shape(t: TensorInfo) -> tuple[int, ...]:
     """Logical numpy shape ``(rows, cols)`` = HF ``(out, in)`` of a GGML tensor ``[ne0, ne1]``."""
-    return tuple(int(x) for x in reversed(t.shape.tolist()))
+    return tuple(int(x) for x in reversed(t.shape))
 
 
-def config_from_gguf(reader) -> LlamaConfig:
+def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
     """``LlamaConfig`` from GGUF metadata (``<arch>.embedding_length``, ``<arch>.block_count``…).
 
     The vocabulary size is the number of rows of ``token_embd.weight`` (= the tokenizer's
     token count in well-formed files); the embeddings are tied when ``output.weight`` is absent.
+    Sizes must be positive integers (a per-layer array of equal values counts as its value);
+    the hidden size and the layer count must agree with the tensors.
+
+    Raises:
+      CheckpointError: missing, zero, negative, non-numeric or inconsistent metadata (the
+        message names the file, the key and the value).
+      UnsupportedModelError: another architecture, per-layer sizes that differ, a rope variant
+        other than none/linear, partial rotary embeddings.
     """
-    arch = _meta(reader, "general.architecture")
+    if not isinstance(reader, GGUFFile):
+        reader = _reader(reader)
+    path = reader.path
+    arch = _meta_str(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"GGUF general.architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{path}: GGUF general.architecture {short(arch)} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     tensors = _tensors(reader)
     if "token_embd.weight" not in tensors:
-        raise CheckpointError("GGUF file lacks the tensor 'token_embd.weight'")
-    vocab = _numpy_shape(tensors["token_embd.weight"])[0]
-    hidden = int(_meta(reader, f"{arch}.embedding_length"))
-    heads = int(_meta(reader, f"{arch}.attention.head_count"))
-    kv_heads = int(_meta(reader, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_meta(reader, f"{arch}.attention.key_length", hidden // heads))
-    rope_dim = int(_meta(reader, f"{arch}.rope.dimension_count", head_dim))
+        raise CheckpointError(f"{path}: GGUF file lacks the tensor 'token_embd.weight'")
+    embd = _numpy_shape(tensors["token_embd.weight"])
+    hidden = _meta_size(reader, f"{arch}.embedding_length")
+    if len(embd) != 2 or embd[1] != hidden:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' has shape {embd} (vocab, hidden), but "
+                              f"{arch}.embedding_length={hidden}")
+    vocab = size(embd[0], f"{path}: rows of tensor 'token_embd.weight'")
+    heads = _meta_size(reader, f"{arch}.attention.head_count")
+    kv_heads = _meta_size(reader, f"{arch}.attention.head_count_kv", heads)
+    if f"{arch}.attention.key_length" not in reader.fields and hidden % heads:
+        raise CheckpointError(f"{path}: GGUF {arch}.embedding_length={hidden} is not divisible by "
+                              f"{arch}.attention.head_count={heads} (and {arch}.attention.key_length is absent)")
+    head_dim = _meta_size(reader, f"{arch}.attention.key_length", hidden // heads)
+    value_dim = _meta_size(reader, f"{arch}.attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise UnsupportedModelError(f"{path}: GGUF {arch}.attention.value_length={value_dim} != key_length="
+                                    f"{head_dim}: different key and value head sizes are not supported")
+    rope_dim = _meta_size(reader, f"{arch}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UnsupportedModelError(
-            f"GGUF {arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary embeddings are not supported")
+            f"{path}: GGUF {arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary "
+            "embeddings are not supported")
     if "rope_freqs.weight" in tensors:
         raise UnsupportedModelError(
-            "GGUF tensor 'rope_freqs.weight' (llama3-style rope frequency factors) is not supported")
+            f"{path}: GGUF tensor 'rope_freqs.weight' (llama3-style rope frequency factors) is not supported")
     scaling_type = _meta(reader, f"{arch}.rope.scaling.type", "none")
     if scaling_type in ("none", None):
         rope_scaling = None
     elif scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(_meta(reader, f"{arch}.rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": _meta_float(reader, f"{arch}.rope.scaling.factor")}
     else:
         raise UnsupportedModelError(
-            f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported; supported: none, linear")
+            f"{path}: GGUF {arch}.rope.scaling.type={short(scaling_type)} is not supported; supported: none, linear")
+    layers = _meta_size(reader, f"{arch}.block_count")
+    found = {int(m.group(1)) for m in map(_BLK_RE.match, tensors) if m}
+    if layers > len(found):
+        raise CheckpointError(f"{path}: GGUF {arch}.block_count={layers}, but the file has tensors for "
+                              f"{len(found)} layer(s) ({short(sorted(found))})")
     has_bias = "blk.0.attn_q.bias" in tensors
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(_meta(reader, f"{arch}.feed_forward_length")),
-        num_hidden_layers=int(_meta(reader, f"{arch}.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(_meta(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(_meta(reader, f"{arch}.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias=has_bias,
-        attention_out_bias="blk.0.attn_output.bias" in tensors,
-        mlp_bias="blk.0.ffn_down.bias" in tensors,
-        model_type="qwen2" if arch == "qwen2" else "llama",
-        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
-        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
-    )
+    try:
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=_meta_size(reader, f"{arch}.feed_forward_length"),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_meta_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=_meta_float(reader, f"{arch}.rope.freq_base", 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=_meta_size(reader, f"{arch}.context_length", 2048),
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias=has_bias,
+            attention_out_bias="blk.0.attn_output.bias" in tensors,
+            mlp_bias="blk.0.ffn_down.bias" in tensors,
+            model_type="qwen2" if arch == "qwen2" else "llama",
+            bos_token_id=token_id(_meta(reader, "tokenizer.ggml.bos_token_id", None),
+                                  f"{path}: GGUF metadata tokenizer.ggml.bos_token_id"),
+            eos_token_id=token_id(_meta(reader, "tokenizer.ggml.eos_token_id", None),
+                                  f"{path}: GGUF metadata tokenizer.ggml.eos_token_id"),
+        )
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from e
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -205,9 +267,16 @@ def _qk_heads(name: str, config: LlamaConfig) -> int | None:
     return None
 
 
-def _dequantize(t, path) -> np.ndarray:
+_NOT_FLOAT = ("I8", "I16", "I32", "I64")
+
+
+def _dequantize(t: TensorInfo, path) -> np.ndarray:
     from gguf import quants
 
+    if t.tensor_type.name in _NOT_FLOAT:
+        raise CheckpointError(
+            f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name}; a float or quantized-float type "
+            "(F32, F16, BF16, Q4_0, Q4_1, Q8_0, K-quants…) was expected")
     try:
         arr = quants.dequantize(t.data, t.tensor_type)
     except (NotImplementedError, ValueError, KeyError) as e:
@@ -239,10 +308,7 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
     """
     path = default_model_path() if path is None else Path(path)
     reader = _reader(path)
-    try:
-        config = config_from_gguf(reader)
-    except (CheckpointError, UnsupportedModelError) as e:
-        raise type(e)(f"{path}: {e}") from e
+    config = config_from_gguf(reader)
     permute = _meta(reader, "general.architecture") == "llama"
     model = abstract_model(config, dtype=dtype)
     loaded = set()
@@ -260,16 +326,17 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
         except (AttributeError, IndexError):
             raise CheckpointError(f"{path}: tensor {t.name!r} has no place in the model "
                                   f"({'/'.join(map(str, p))})") from None
-        arr = _dequantize(t, path)
+        want = tuple(node.get_value().shape)
+        want = want[::-1] if p[-1] == "kernel" else want  # as stored: (out, in)
+        if _numpy_shape(t) != want:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {_numpy_shape(t)}, "
+                                  f"but the metadata implies {want}")
+        arr = finite(_dequantize(t, path), f"{path}: tensor {t.name!r} ({t.tensor_type.name})")
         n_head = _qk_heads(t.name, config)
         if permute and n_head is not None:
             arr = unpermute_qk(arr, n_head)
         if p[-1] == "kernel":
             arr = arr.T
-        want = tuple(node.get_value().shape)
-        if tuple(arr.shape) != want:
-            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {_numpy_shape(t)}, "
-                                  f"but the metadata implies {want[::-1] if p[-1] == 'kernel' else want}")
         node.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))
         loaded.add(p)
     from flax import nnx
@@ -284,6 +351,7 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
 def load_gguf_tokenizer(path: str | os.PathLike | None = None):
     """A ``transformers`` tokenizer built from a GGUF file's vocabulary (offline)."""
     path = default_model_path() if path is None else Path(path)
+    _reader(path)  # the header is checked before transformers' gguf reader, which trusts its counts
     from transformers import AutoTokenizer
 
     try:
@@ -328,6 +396,8 @@ def gguf_q4_1_blocks(path: str | os.PathLike, name: str) -> tuple[np.ndarray, np
     raw, ttype, shape = read_gguf_tensor(path, name)
     if ttype != gguf.GGMLQuantizationType.Q4_1:
         raise CheckpointError(f"{path}: tensor {name!r} is {ttype.name}, not Q4_1")
+    if len(shape) != 2:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}; a matrix was expected")
     rows, cols = shape
     blocks = raw.reshape(rows, cols // _Q4_1_BLOCK, 4 + _Q4_1_BLOCK // 2)
     d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]

@@ -44,7 +44,8 @@ import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
-from jquant.errors import UnsupportedModelError
+from jquant.errors import CheckpointError, UnsupportedModelError
+from jquant.models._values import flag, positive_float, short, size, token_id
 from jquant.models.layers import Embed, Linear, RMSNorm
 from pallas_kernels.dispatch import get_backend, use_backend
 
@@ -63,6 +64,25 @@ _HF_ARCHITECTURE = {v: k for k, v in _ARCHITECTURES.items()}
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
+
+def _check_rope_scaling(rs) -> None:
+    """The numbers of a ``rope_scaling`` mapping read from a file: finite positive floats."""
+    if rs is None:
+        return
+    if not isinstance(rs, Mapping):
+        raise CheckpointError(f"rope_scaling={short(rs)}: must be a mapping or null")
+    rope_type = rs.get("rope_type", rs.get("type", "default"))
+    if not isinstance(rope_type, str):
+        raise CheckpointError(f"rope_scaling rope_type={short(rope_type)}: must be a string")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "partial_rotary_factor"):
+        if rs.get(key) is not None:
+            positive_float(rs[key], f"rope_scaling {key}")
+    if rs.get("original_max_position_embeddings") is not None:
+        size(rs["original_max_position_embeddings"], "rope_scaling original_max_position_embeddings")
+    if rope_type == "llama3" and rs.get("low_freq_factor") == rs.get("high_freq_factor") is not None:
+        raise CheckpointError(f"rope_scaling low_freq_factor = high_freq_factor = {rs['low_freq_factor']}: "
+                              "llama3 scaling needs them to differ")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -176,56 +196,74 @@ class LlamaConfig:
         Raises:
           UnsupportedModelError: another ``model_type``, an activation other than SiLU, an
             unsupported rope type, or Qwen2 sliding-window layers.
+          CheckpointError: a value that no model can have (a zero, negative or non-integer size,
+            a string where a boolean belongs, a non-finite float), naming the key and value.
+          KeyError: a required key is missing (``read_config`` turns it into a CheckpointError).
         """
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"config must be a JSON object (mapping), got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type is None:
-            archs = [a for a in d.get("architectures") or [] if a in _ARCHITECTURES]
+            archs = d.get("architectures") or []
+            archs = [a for a in archs if isinstance(a, str) and a in _ARCHITECTURES] if isinstance(archs, list) else []
             model_type = _ARCHITECTURES[archs[0]] if archs else None
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} (architectures {d.get('architectures')}) is not supported; "
+                f"model_type {short(model_type)} (architectures {short(d.get('architectures'))}) is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         act = d.get("hidden_act", d.get("hidden_activation", "silu"))
         if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"{model_type}: hidden_act {act!r} is not supported; supported: silu")
+            raise UnsupportedModelError(f"{model_type}: hidden_act {short(act)} is not supported; supported: silu")
 
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         rp = d.get("rope_parameters")
+        if rp is not None and not isinstance(rp, Mapping):
+            raise CheckpointError(f"rope_parameters={short(rp)}: must be a mapping or null")
         if isinstance(rp, Mapping):
             rp = dict(rp)
             rope_theta = rp.pop("rope_theta", rope_theta)
             rope_scaling = rp if rp else rope_scaling
         if rope_theta is None:
             rope_theta = 10000.0
+        _check_rope_scaling(rope_scaling)
 
-        heads = d["num_attention_heads"]
+        def opt(key, check, default):
+            return default if d.get(key) is None else check(d[key], key)
+
+        hidden = size(d["hidden_size"], "hidden_size")
+        heads = size(d["num_attention_heads"], "num_attention_heads")
+        if d.get("head_dim") is None and hidden % heads:
+            raise CheckpointError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                                  "(and head_dim is absent)")
         kw = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
+            vocab_size=size(d["vocab_size"], "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=size(d["intermediate_size"], "intermediate_size"),
+            num_hidden_layers=size(d["num_hidden_layers"], "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            num_key_value_heads=opt("num_key_value_heads", size, heads),
+            head_dim=opt("head_dim", size, hidden // heads),
+            rms_norm_eps=opt("rms_norm_eps", positive_float, 1e-6),
+            rope_theta=positive_float(rope_theta, "rope_theta"),
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=opt("max_position_embeddings", size, 2048),
+            tie_word_embeddings=opt("tie_word_embeddings", flag, False),
             model_type=model_type,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
+            bos_token_id=token_id(d.get("bos_token_id"), "bos_token_id"),
+            eos_token_id=token_id(d.get("eos_token_id"), "eos_token_id"),
         )
         if model_type == "llama":
-            kw["attention_bias"] = kw["attention_out_bias"] = bool(d.get("attention_bias", False))
-            kw["mlp_bias"] = bool(d.get("mlp_bias", False))
+            kw["attention_bias"] = kw["attention_out_bias"] = opt("attention_bias", flag, False)
+            kw["mlp_bias"] = opt("mlp_bias", flag, False)
         elif model_type == "mistral":
-            kw["sliding_window"] = d.get("sliding_window")
+            kw["sliding_window"] = opt("sliding_window", size, None)
         elif model_type == "qwen2":
             kw["attention_bias"] = True
-            sliding = bool(d.get("use_sliding_window", False)) or any(
-                t == "sliding_attention" for t in d.get("layer_types") or [])
+            layer_types = d.get("layer_types") or []
+            if not isinstance(layer_types, list):
+                raise CheckpointError(f"layer_types={short(layer_types)}: must be a list")
+            sliding = opt("use_sliding_window", flag, False) or any(t == "sliding_attention" for t in layer_types)
             if sliding:
                 raise UnsupportedModelError(
                     "qwen2: use_sliding_window=True (per-layer sliding-window attention) is not supported")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 
@@ -18,37 +20,56 @@ _HF_TO_GGUF = {
 
 
 def write_gguf(path, tmodel, *, arch: str = "llama", qtype: str = "F32", extra_tensors=None,
-               replace=None) -> None:
+               replace=None, meta=None) -> None:
     """Write ``tmodel`` (a tiny ``LlamaForCausalLM``/``Qwen2ForCausalLM``) as GGUF.
 
     ``qtype``: storage of the 2-D linear weights (``F32``, ``F16``, ``Q4_1``, ``Q8_0``); norms
     and biases stay F32, the embedding follows ``qtype``. ``replace`` maps GGUF names to arrays
     written as they are (e.g. an int32 tensor); ``extra_tensors`` are added at the end.
+    ``meta`` maps metadata keys to ``(value, GGUFValueType[, sub_type])`` written instead of the
+    usual value, or to ``None`` to leave the key out.
     """
+    cfg = tmodel.config
+    sd = {k: v.detach().float().numpy() for k, v in tmodel.state_dict().items()}
+    write_gguf_state(path, sd, dict(
+        layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
+        context=cfg.max_position_embeddings, eps=cfg.rms_norm_eps, tie=cfg.tie_word_embeddings,
+        rope_theta=float(cfg.rope_parameters["rope_theta"])),
+        arch=arch, qtype=qtype, extra_tensors=extra_tensors, replace=replace, meta=meta)
+
+
+def write_gguf_state(path, sd, cfg, *, arch: str = "llama", qtype: str = "F32", extra_tensors=None,
+                     replace=None, meta=None) -> None:
+    """:func:`write_gguf` from a Hugging Face state dict of float numpy arrays and a dict ``cfg``
+    (``layers, heads, kv_heads, hidden, intermediate, vocab, context, eps, tie, rope_theta``)."""
     import gguf
 
-    cfg = tmodel.config
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    heads, kv = cfg["heads"], cfg["kv_heads"]
     qt = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg["layers"])
+    w.add_context_length(cfg["context"])
+    w.add_embedding_length(cfg["hidden"])
+    w.add_feed_forward_length(cfg["intermediate"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // heads)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["eps"])
+    w.add_rope_dimension_count(cfg["hidden"] // heads)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q4_1)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_list([f"t{i}" for i in range(cfg["vocab"])])
+    w.add_token_types([1] * cfg["vocab"])
     w.add_token_merges([])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    for key, val in (meta or {}).items():
+        w.kv_data[0].pop(key, None)
+        if val is not None:
+            w.add_key_value(key, *val)
 
     def add(name, arr, quantize):
         if replace and name in replace:
@@ -60,12 +81,11 @@ def write_gguf(path, tmodel, *, arch: str = "llama", qtype: str = "F32", extra_t
         else:
             w.add_tensor(name, arr)
 
-    sd = {k: v.detach().float().numpy() for k, v in tmodel.state_dict().items()}
     add("token_embd.weight", sd["model.embed_tokens.weight"], True)
     add("output_norm.weight", sd["model.norm.weight"], False)
-    if not cfg.tie_word_embeddings:
+    if not cfg["tie"]:
         add("output.weight", sd["lm_head.weight"], True)
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg["layers"]):
         for hf, gg in _HF_TO_GGUF.items():
             for kind in ("weight", "bias"):
                 key = f"model.layers.{i}.{hf}.{kind}"
@@ -81,3 +101,34 @@ def write_gguf(path, tmodel, *, arch: str = "llama", qtype: str = "F32", extra_t
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _str(s: bytes | str) -> bytes:
+    s = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(s)) + s
+
+
+def raw_gguf(kv=(), tensors=(), data: bytes = b"", *, n_kv=None, n_tensors=None, version=3,
+             alignment=32) -> bytes:
+    """Hand-encoded GGUF bytes for hostile-file tests: every count can lie.
+
+    ``kv``: ``(key, type_id, encoded value bytes)``; ``tensors``: ``(name, dims, ggml_type, offset)``
+    (``dims`` GGML order); ``data`` follows the header, padded to ``alignment``.
+    """
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                len(kv) if n_kv is None else n_kv)
+    for key, vtype, value in kv:
+        out += _str(key) + struct.pack("<I", vtype) + value
+    for name, dims, ttype, offset in tensors:
+        out += _str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ttype, offset)
+    return out + b"\0" * (-len(out) % alignment) + data
+
+
+def kv_string(s: str) -> bytes:
+    """A GGUF string value."""
+    return _str(s)
+
+
+def kv_array(itype: int, payload: bytes, n: int) -> bytes:
+    """A GGUF array value: element type, declared length ``n``, and the element bytes as given."""
+    return struct.pack("<IQ", itype, n) + payload

@@ -186,4 +186,4 @@ def test_smollm2_greedy_generate_matches_transformers(smollm, smollm_torch):
 def test_load_dispatch(smollm):
     path = smollm[0]
     with pytest.raises(CheckpointError, match="expected a Hugging Face model directory or a .gguf"):
-        load(path.with_suffix(".bin"))
+        load(path.with_suffix(".txt"))
