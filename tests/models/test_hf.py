@@ -63,6 +63,17 @@ def test_mistral_sliding_window_matches_transformers(save_tiny):
     _check_parity(d, tmodel)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_long_sequences_in_attention_chunks_match_transformers(save_tiny, kind):
+    """300 tokens: causal attention runs in query chunks of 128, 128 and 44 (Mistral's sliding
+    window inside them)."""
+    from jquant.models import llama
+
+    assert 300 > 2 * llama._ATTN_CHUNK and 300 % llama._ATTN_CHUNK
+    d, tmodel = save_tiny(kind=kind)
+    _check_parity(d, tmodel, seq=300)
+
+
 def test_sharded_checkpoint(save_tiny):
     d, tmodel = save_tiny(max_shard_size="40KB")
     shards = sorted(p.name for p in d.glob("*.safetensors"))
