@@ -175,12 +175,40 @@ def _source_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "text"
 
 
+def _reference_cache(manifest: dict, windows) -> str | None:
+    """Where the float model's hidden states on ``windows`` are cached (None: caching off,
+    ``JQUANT_CACHE=``); keyed by the model files (paths, sizes, mtimes), the dtype, the model
+    code and the windows."""
+    import hashlib
+
+    import jquant.models.layers
+    import jquant.models.llama
+
+    root = os.environ.get("JQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jquant"))
+    if not root:
+        return None
+    h = hashlib.sha256()
+    model = os.path.realpath(manifest["model"])
+    files = ([os.path.join(model, f) for f in sorted(os.listdir(model))] if os.path.isdir(model) else [model])
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for mod in (jquant.models.llama, jquant.models.layers):
+        with open(mod.__file__, "rb") as fh:
+            h.update(fh.read())
+    h.update(f"{manifest['dtype']}|{windows.shape}".encode())
+    h.update(windows.astype("int32").tobytes())
+    return os.path.join(root, "reference", h.hexdigest()[:32] + ".npy")
+
+
 def cmd_eval(args) -> int:
+    import functools
+
     import jax
     from flax import nnx
 
     import jquant as jq
-    from jquant import evaluate
+    from jquant import data, evaluate
     from jquant.models import forward
 
     for name, value, lowest in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
@@ -207,10 +235,19 @@ def cmd_eval(args) -> int:
         print(f"warning: '{source}' is also the calibration text of this model: the evaluation is not held out",
               file=sys.stderr)
 
-    ref_fn = lambda t: forward(graphdef, state, t)[0]  # noqa: E731
     q_fn = lambda t: forward(graphdef, qstate, t)[0]  # noqa: E731
     t0 = time.perf_counter()
-    cmp = evaluate.compare(ref_fn, q_fn, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+    # The float model's last hidden states on these windows are cached (keyed by the model
+    # files, the dtype, the model code and the windows): a later evaluation of another recipe
+    # runs only the float head.
+    body = jax.jit(lambda st, t: nnx.merge(graphdef, st).hidden(t))
+    head = jax.jit(lambda st, h: nnx.merge(graphdef, st).head(h))
+    windows = data.eval_windows(tokens, args.seq_len, args.max_windows)
+    hidden = evaluate.reference_hidden(functools.partial(body, state), tokens, seq_len=args.seq_len,
+                                       batch_size=args.batch_size, max_windows=args.max_windows,
+                                       progress=not args.quiet, cache=_reference_cache(manifest, windows))
+    ref = evaluate.CachedReference(hidden, functools.partial(head, state))
+    cmp = evaluate.compare(ref, q_fn, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                            max_windows=args.max_windows, progress=not args.quiet)
     jax.effects_barrier()
     t_eval = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.data import eval_windows
+from jquant.errors import ShapeError
 
 
 @dataclasses.dataclass
@@ -122,6 +124,60 @@ def agreement(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, 
 
 
 @dataclasses.dataclass
+class CachedReference:
+    """The reference (float) model as its last hidden states on the evaluation windows and its
+    head: ``head(hidden[i:j])`` gives the reference logits without the reference's forward
+    pass through the blocks (the head is about a fifth of a small model's forward).
+
+    Attributes:
+      hidden: ``(windows, seq_len, hidden)`` the output of the last block on each window
+        (:func:`reference_hidden` computes or loads it).
+      head: ``(batch, seq_len, hidden) -> (batch, seq_len, vocab)`` logits (final norm and
+        lm_head); jit-traceable.
+    """
+
+    hidden: np.ndarray
+    head: Callable
+
+
+def reference_hidden(hidden_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512, batch_size: int = 8,
+                     max_windows: int | None = None, cache: str | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """``hidden_fn`` (``int32 (B, T) -> (B, T, hidden)``) on every evaluation window of
+    ``tokens``, ``(windows, seq_len, hidden)``; kept in the ``.npy`` file ``cache`` when given
+    (read back if it exists and has the windows' shape; written atomically). The caller
+    keys the file name by the model, its dtype and the windows."""
+    from jquant._atomic import write_npy
+
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+    if cache is not None and os.path.isfile(cache):
+        try:
+            h = np.load(cache, mmap_mode="r")
+            if h.shape[:2] == windows.shape:
+                return np.asarray(h)
+        except (OSError, ValueError):
+            pass  # unreadable: computed again below
+    fn = jax.jit(hidden_fn)
+    out = []
+    bar = _progress(len(windows), "reference", progress)
+    for batch, mask in _batches(windows, batch_size):
+        n = int(mask.sum())
+        out.append(np.asarray(fn(batch))[:n])
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    h = np.concatenate(out)
+    if cache is not None:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+            write_npy(cache, h)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return h
+
+
+@dataclasses.dataclass
 class Comparison:
     """Float vs quantized model on the same windows, from one pass over the text."""
 
@@ -130,14 +186,23 @@ class Comparison:
     agreement: AgreementResult
 
 
-def compare(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512,
-            batch_size: int = 8, max_windows: int | None = None, progress: bool = False) -> Comparison:
-    """Perplexity of both models and their agreement, each batch run through both once."""
+def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, tokens: np.ndarray, *,
+            seq_len: int = 512, batch_size: int = 8, max_windows: int | None = None,
+            progress: bool = False) -> Comparison:
+    """Perplexity of both models and their agreement, each batch run through both once.
+
+    ``ref_logits_fn`` may be a :class:`CachedReference` of the same windows: the reference
+    logits then come from its hidden states through its head.
+    """
     windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+    cached = isinstance(ref_logits_fn, CachedReference)
+    if cached and ref_logits_fn.hidden.shape[:2] != windows.shape:
+        raise ShapeError(f"cached reference of shape {ref_logits_fn.hidden.shape[:2]} does not match the "
+                         f"{windows.shape} evaluation windows")
 
     @jax.jit
-    def stats(batch, mask):
-        ref = ref_logits_fn(batch).astype(jnp.float32)
+    def stats(batch, mask, h):
+        ref = (ref_logits_fn.head(h) if cached else ref_logits_fn(batch)).astype(jnp.float32)
         q = logits_fn(batch).astype(jnp.float32)
         m = mask[:, None]
         nll_r = jnp.sum(token_nll(ref, batch) * m)
@@ -149,8 +214,13 @@ def compare(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, *,
 
     acc = np.zeros(4)
     bar = _progress(len(windows), "evaluate", progress)
-    for batch, mask in _batches(windows, batch_size):
-        acc += np.asarray(stats(batch, mask), dtype=np.float64)
+    for i, (batch, mask) in enumerate(_batches(windows, batch_size)):
+        h = None
+        if cached:
+            h = ref_logits_fn.hidden[i * batch_size: (i + 1) * batch_size]
+            if len(h) < batch_size:  # padded like the last batch of windows
+                h = np.concatenate([h, np.repeat(h[:1], batch_size - len(h), axis=0)])
+        acc += np.asarray(stats(batch, mask, h), dtype=np.float64)
         if bar is not None:
             bar.update(int(mask.sum()))
     if bar is not None:

@@ -634,6 +634,16 @@ class Llama(nnx.Module):
             return self.embed_tokens.attend(h)
         return self.lm_head(h)
 
+    def hidden(self, tokens: Array) -> Array:
+        """The last block's output (before the final norm) ``(batch, seq, hidden)``, no cache:
+        ``head(hidden(tokens))`` are the logits of ``self(tokens)``."""
+        b, t = tokens.shape
+        positions = _default_positions(b, t, 0)
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h, _ = layer(h, positions)
+        return h
+
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
         c = self.config
