@@ -10,7 +10,8 @@ with the same ``DIR`` resumes.
 
 A trial kills the job 1..``--max-kills`` times at uniformly random moments (the first
 within an uninterrupted run's time from start-up to exit, measured on the reference run;
-later ones, on the shorter resumed runs, within 60% of it), then lets it finish, and compares the final tree (every array's bytes, every QTensor's metadata) and
+later ones, on the shorter resumed runs, within 60% of it; a trial whose first run finishes
+before its kill is redone, so every trial has at least one kill mid-job), then lets it finish, and compares the final tree (every array's bytes, every QTensor's metadata) and
 the layer logs (all but the timings) with the reference. With ``--delay S`` every
 ``os.replace`` in the job sleeps up to ``S`` seconds before and after renaming, so kills
 often land inside atomic writes and between two of them (a gap that otherwise lasts
@@ -136,23 +137,27 @@ def compare(ref: str, out: str) -> str | None:
 
     if not os.path.exists(os.path.join(out, "DONE")):
         return "the job did not finish"
-    with open(os.path.join(ref, "logs.json")) as a, open(os.path.join(out, "logs.json")) as b:
-        if json.load(a) != json.load(b):
-            return "layer logs differ"
     ta, tb = jq.restore(os.path.join(ref, "final")), jq.restore(os.path.join(out, "final"))
     la = jax.tree_util.tree_flatten_with_path(ta, is_leaf=jq.is_qtensor)[0]
     lb = jax.tree_util.tree_flatten_with_path(tb, is_leaf=jq.is_qtensor)[0]
     if [jq.path_str(k) for k, _ in la] != [jq.path_str(k) for k, _ in lb]:
         return "tree structure differs"
+    differ = []
     for (k, x), (_, y) in zip(la, lb):
-        if jq.is_qtensor(x) != jq.is_qtensor(y):
-            return f"{jq.path_str(k)}: QTensor in one tree only"
-        if jq.is_qtensor(x) and jax.tree_util.tree_structure(x) != jax.tree_util.tree_structure(y):
-            return f"{jq.path_str(k)}: QTensor metadata differs"
+        if jq.is_qtensor(x) != jq.is_qtensor(y) or (
+                jq.is_qtensor(x) and jax.tree_util.tree_structure(x) != jax.tree_util.tree_structure(y)):
+            differ.append(jq.path_str(k))
+            continue
         for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
             u, v = np.asarray(u), np.asarray(v)
             if u.dtype != v.dtype or u.shape != v.shape or not np.array_equal(u.view(np.uint8), v.view(np.uint8)):
-                return f"{jq.path_str(k)}: bytes differ"
+                differ.append(jq.path_str(k))
+                break
+    if differ:
+        return f"{len(differ)} of {len(la)} leaves differ, first {differ[0]}"
+    with open(os.path.join(ref, "logs.json")) as a, open(os.path.join(out, "logs.json")) as b:
+        if json.load(a) != json.load(b):
+            return "the trees agree but the layer logs differ"
     return None
 
 
@@ -176,27 +181,34 @@ def harness(args) -> dict:
     print(f"reference run: {t_ref:.1f}s of calibration after start-up ({args.layers} blocks, {args.dtype}, "
           f"os.replace delay up to {args.delay}s)", flush=True)
     trials = []
+    t_est = t_ref  # a fresh run's time from start-up to exit, tracked as runs finish under the current load
     for t in range(args.trials):
         out = str(base / f"trial{t:03d}")
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
-        kills = []
-        for _ in range(rng.randint(1, args.max_kills)):
-            proc = _launch(out, args)
-            t_start = _wait_started(proc, out)
-            if t_start < 0:
-                kills.append({"at": None, "state": f"exited rc {proc.returncode} before starting"})
+        n_kills = rng.randint(1, args.max_kills)
+        for attempt in range(5):  # until the first kill lands mid-job (a run that finishes first is redone)
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            kills = []
+            while len(kills) < n_kills:
+                proc = _launch(out, args)
+                t_start = _wait_started(proc, out)
+                if t_start < 0:
+                    kills.append({"at": None, "state": f"exited rc {proc.returncode} before starting"})
+                    break
+                # the first kill anywhere in a fresh run; later ones early, as a resumed run is shorter
+                at = rng.uniform(0, t_est * (0.95 if not kills else 0.6))
+                try:
+                    proc.wait(timeout=max(0.0, at - (time.perf_counter() - t_start)))
+                    if not kills:
+                        t_est = 0.5 * t_est + 0.5 * (time.perf_counter() - t_start)
+                    kills.append({"at": at, "state": f"finished before the kill (rc {proc.returncode})"})
+                    break
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    kills.append({"at": at, "state": _work_state(out)})
+            if kills[0]["state"].startswith("done="):
                 break
-            # the first kill anywhere in a fresh run; later ones early, as a resumed run is shorter
-            at = rng.uniform(0, t_ref * (0.95 if not kills else 0.6))
-            try:
-                proc.wait(timeout=max(0.0, at - (time.perf_counter() - t_start)))
-                kills.append({"at": at, "state": f"finished before the kill (rc {proc.returncode})"})
-                break
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills.append({"at": at, "state": _work_state(out)})
         rc, _ = run_to_end(out, args)
         diff = f"resumed run failed (rc {rc}): " + _last_error(out) if rc != 0 else compare(ref, out)
         trials.append({"trial": t, "kills": kills, "identical": diff is None, "difference": diff})
