@@ -5,24 +5,36 @@ the tree: float leaves and the children of each QTensor) and ``meta`` (JSON: eac
 key path, and a QTensor's static metadata: shape, dtype, format, bits, group size…).
 Orbax writes into a temporary directory and renames it when complete, so a checkpoint
 is either whole or absent; a crash mid-save leaves no half-written checkpoint behind.
+
+Integrity (format version 2): the metadata holds the SHA-256 of every array's bytes
+(``sha256``: ``{part: hex}``, part ``array`` for a float leaf), verified on restore, so a
+flipped or zeroed byte in the Orbax data files is a :class:`CheckpointError` naming the
+leaf (Orbax reads some damaged chunks without complaint). QTensor parts are checked
+against their metadata (:func:`jquant.qtensor.check_parts`) and their values (finite
+scales, indices in range: :func:`jquant.qtensor.check_values`) on save and on restore.
+Version-1 checkpoints (no checksums) still load, with a :class:`CheckpointWarning`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from jquant.errors import CheckpointError
+from jquant.errors import CheckpointError, CheckpointWarning, JQuantError, at
 from jquant.formats import Grid
-from jquant.qtensor import QTensor, is_qtensor
+from jquant.qtensor import QTensor, check_parts, check_values, is_qtensor
 from jquant.spec import path_str
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: without checksums
 _PARTS = ("codes", "scale", "zero", "g_idx", "perm", "outlier_idx", "outlier_w")
 
 
@@ -36,6 +48,12 @@ def _key_json(k) -> list:
     return ["other", str(k)]
 
 
+def _digest(a) -> str:
+    """SHA-256 of an array's bytes (C order, as stored; copied to the host if on a device)."""
+    v = np.ascontiguousarray(np.asarray(a))
+    return hashlib.sha256(v.reshape(-1).view(np.uint8)).hexdigest()
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -43,7 +61,14 @@ def _checkpointer():
 
 
 def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
-    """Save ``tree`` (arrays and QTensors) to the directory ``path``, atomically."""
+    """Save ``tree`` (arrays and QTensors) to the directory ``path``, atomically, with a
+    SHA-256 of every array's bytes.
+
+    Raises:
+      CheckpointError: ``path`` exists and ``overwrite`` is False.
+      ShapeError, DTypeError, NonFiniteError: a QTensor whose parts disagree with its
+        metadata, or with NaN/Inf scales or zeros (named by leaf path); nothing is written.
+    """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
@@ -53,8 +78,14 @@ def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
         name = f"{i:06d}"
         entry: dict[str, Any] = {"path": path_str(keypath), "keys": [_key_json(k) for k in keypath]}
         if is_qtensor(leaf):
+            try:
+                check_parts(leaf, strict=True)
+            except JQuantError as e:
+                raise type(e)(at(entry["path"], str(e))) from None
+            check_values(leaf, entry["path"])
             parts = {p: getattr(leaf, p) for p in _PARTS if getattr(leaf, p) is not None}
             arrays[name] = parts
+            entry["sha256"] = {p: _digest(a) for p, a in parts.items()}
             entry["qtensor"] = {
                 "shape": list(leaf.shape), "dtype": leaf.dtype, "grid": leaf.grid._asdict(),
                 "granularity": leaf.granularity, "group_size": leaf.group_size, "axis": leaf.axis,
@@ -64,6 +95,7 @@ def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             arrays[name] = leaf
             entry["array"] = [list(leaf.shape), str(leaf.dtype)]
+            entry["sha256"] = {"array": _digest(leaf)}
         else:
             entry["value"] = leaf if isinstance(leaf, (int, float, str, bool)) or leaf is None else repr(leaf)
         leaves_meta.append(entry)
@@ -85,7 +117,12 @@ def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
 
 
 def load_meta(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a checkpoint."""
+    """The JSON metadata of a checkpoint, checked for its version and structure.
+
+    Raises:
+      CheckpointError: no directory, unreadable / truncated / non-JSON metadata, a format
+        version other than :data:`READABLE_VERSIONS`, or leaf entries missing fields.
+    """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -94,9 +131,33 @@ def load_meta(path: str | os.PathLike) -> dict:
         meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types for a damaged directory
         raise CheckpointError(f"{path}: cannot read checkpoint metadata ({type(e).__name__}: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a jquant checkpoint of format version {FORMAT_VERSION}")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: not a jquant checkpoint this version reads (format_version {version!r}; "
+                              f"readable: {', '.join(map(str, READABLE_VERSIONS))})")
+    leaves = meta.get("leaves")
+    if not isinstance(leaves, list):
+        raise CheckpointError(f"{path}: checkpoint metadata has no list of leaves")
+    for i, e in enumerate(leaves):
+        where = e.get("path", f"leaf #{i}") if isinstance(e, dict) else f"leaf #{i}"
+        ok = (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("keys"), list)
+              and sum(k in e for k in ("qtensor", "array", "value")) == 1)
+        if ok and "qtensor" in e:
+            m = e["qtensor"]
+            ok = isinstance(m, dict) and all(k in m for k in _QT_FIELDS) and isinstance(m["parts"], dict)
+        if ok and version >= 2 and "value" not in e:
+            want = set(e["qtensor"]["parts"]) if "qtensor" in e else {"array"}
+            ok = isinstance(e.get("sha256"), dict) and set(e["sha256"]) == want
+        if not ok:
+            raise CheckpointError(f"{path}: metadata entry of {where!r} is malformed (needs path, keys, one of "
+                                  f"qtensor/array/value{', and a sha256 per array' if version >= 2 else ''})")
+    if version < 2:
+        warnings.warn(f"{path}: checkpoint format version {version} has no checksums; its arrays are restored "
+                      "unverified (save it again to add them)", CheckpointWarning, stacklevel=3)
     return meta
+
+
+_QT_FIELDS = ("shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method", "parts")
 
 
 class _Seq(dict):
@@ -135,11 +196,23 @@ def restore(path: str | os.PathLike, *, target=None,
         result has its exact container types, matched by leaf path.
       shardings: where arrays go: one Sharding for all, or a callable
         ``(leaf_path, part, shape) -> Sharding`` (part is ``array``, ``codes``, ``scale``,
-        ``zero`` or ``g_idx``). Default: the default device.
+        ``zero``, ``g_idx``, ``perm``, ``outlier_idx`` or ``outlier_w``). Default: the default device.
+
+    Raises:
+      CheckpointError: a missing or damaged checkpoint (metadata, version, an array that
+        cannot be read or whose bytes do not match their checksum, QTensor parts that
+        disagree with their metadata), or a ``target`` whose leaves differ in path, shape
+        or dtype; the message names the leaf.
+      NonFiniteError, ShapeError: NaN/Inf in a stored scale or zero, or an index part out
+        of range, in a checkpoint without checksums (a checksummed one cannot hold them:
+        :func:`save` refuses them).
     """
     path = os.path.abspath(os.fspath(path))
     meta = load_meta(path)
     entries = meta["leaves"]
+    if target is not None:
+        t_leaves, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_qtensor)
+        _check_target(path, entries, t_leaves)
 
     def sds(leaf_path, part, shape, dtype):
         sh = shardings(leaf_path, part, tuple(shape)) if callable(shardings) else shardings
@@ -159,33 +232,74 @@ def restore(path: str | os.PathLike, *, target=None,
     try:
         arrays = ckptr.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot restore arrays ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot restore arrays{_failed_leaf(e, entries)} "
+                              f"({type(e).__name__}: {str(e)[:500]})") from e
     values = []
     for i, e in enumerate(entries):
         name = f"{i:06d}"
-        if "qtensor" in e:
-            m = e["qtensor"]
-            parts = arrays[name]
-            values.append(QTensor(parts["codes"], parts.get("scale"), parts.get("zero"), parts.get("g_idx"),
-                                  shape=tuple(m["shape"]), dtype=m["dtype"], grid=Grid(**m["grid"]),
-                                  granularity=m["granularity"], group_size=m["group_size"], axis=m["axis"],
-                                  word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm"),
-                                  outlier_idx=parts.get("outlier_idx"), outlier_w=parts.get("outlier_w")))
-        elif "array" in e:
-            values.append(arrays[name])
-        else:
+        if "value" in e:
             values.append(e["value"])
+            continue
+        got = arrays[name] if "qtensor" in e else {"array": arrays[name]}
+        for part, want in (e.get("sha256") or {}).items():
+            if _digest(got[part]) != want:
+                what = "" if part == "array" else f" (QTensor part {part!r})"
+                raise CheckpointError(f"{path}: leaf {e['path']!r}{what}: the bytes restored do not match the "
+                                      f"checksum saved with them (sha256 {want[:16]}…): the checkpoint is corrupt")
+        if "array" in e:
+            values.append(arrays[name])
+            continue
+        m = e["qtensor"]
+        parts = arrays[name]
+        try:
+            qt = QTensor(parts["codes"], parts.get("scale"), parts.get("zero"), parts.get("g_idx"),
+                         shape=tuple(m["shape"]), dtype=m["dtype"], grid=Grid(**m["grid"]),
+                         granularity=m["granularity"], group_size=m["group_size"], axis=m["axis"],
+                         word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm"),
+                         outlier_idx=parts.get("outlier_idx"), outlier_w=parts.get("outlier_w"))
+            check_parts(qt, strict=True)
+        except (JQuantError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{path}: leaf {e['path']!r}: its QTensor parts disagree with its metadata: "
+                                  f"{err}") from err
+        check_values(qt, f"{path}: leaf {e['path']!r}")
+        values.append(qt)
     if target is None:
         return _rebuild(entries, values)
     by_path = {e["path"]: v for e, v in zip(entries, values)}
-    t_leaves, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_qtensor)
-    out = []
-    for keypath, _ in t_leaves:
+    return jax.tree_util.tree_unflatten(treedef, [by_path[path_str(k)] for k, _ in t_leaves])
+
+
+def _check_target(path: str, entries: list[dict], t_leaves) -> None:
+    """Refuse a target whose leaves are not the checkpoint's: other paths, shapes or dtypes
+    (a QTensor is compared by its logical shape and original dtype)."""
+    by_path = {e["path"]: e for e in entries}
+    t_paths = set()
+    for keypath, leaf in t_leaves:
         p = path_str(keypath)
+        t_paths.add(p)
         if p not in by_path:
             raise CheckpointError(f"{path}: target leaf {p!r} is not in the checkpoint")
-        out.append(by_path[p])
-    if len(out) != len(entries):
-        missing = sorted(set(by_path) - {path_str(k) for k, _ in t_leaves})
+        e = by_path[p]
+        if "value" in e or not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            continue
+        shape, dtype = ((e["qtensor"]["shape"], e["qtensor"]["dtype"]) if "qtensor" in e else e["array"])
+        t_shape, t_dtype = tuple(leaf.shape), str(leaf.dtype)
+        if tuple(shape) != t_shape or dtype != t_dtype:
+            kind = "a QTensor of logical shape" if "qtensor" in e else "an array of shape"
+            raise CheckpointError(f"{path}: leaf {p!r}: the checkpoint holds {kind} {tuple(shape)} {dtype}, the "
+                                  f"target an array of shape {t_shape} {t_dtype}")
+    if len(t_paths) != len(entries):
+        missing = sorted(set(by_path) - t_paths)
         raise CheckpointError(f"{path}: checkpoint leaves {missing[:5]} are not in the target tree")
-    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _failed_leaf(err: BaseException, entries: list[dict]) -> str:
+    """`` at leaf 'a/b' (part)`` when an Orbax/TensorStore error names the array it failed on."""
+    text, e = "", err
+    while e is not None and len(text) < 200_000:
+        text += str(e)
+        e = e.__cause__ or e.__context__
+    m = re.search(r"(?:'path': '|reading \")(\d{6})(?:\.(\w+))?/", text)
+    if not m or int(m.group(1)) >= len(entries):
+        return ""
+    return f" at leaf {entries[int(m.group(1))]['path']!r}" + (f" (QTensor part {m.group(2)!r})" if m.group(2) else "")

@@ -45,6 +45,10 @@ class RuleWarning(UserWarning):
     """A quantization rule that matched no leaf of the tree."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but cannot be fully verified (written without checksums)."""
+
+
 def at(path: str | None, msg: str) -> str:
     """Prefix a message with the tree path it concerns."""
     return f"{path}: {msg}" if path else msg

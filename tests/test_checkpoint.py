@@ -191,3 +191,172 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(back["w"].codes), np.asarray(old["w"].codes))
     jquant.save(path, {"w": rand((64, 8), 4)}, overwrite=True)  # a later good save replaces it
     assert not jquant.is_qtensor(jquant.restore(path)["w"])
+
+
+# ---------------------------------------------------------------------------------------
+# Integrity: checksums, manifest, version, target, QTensor parts
+# ---------------------------------------------------------------------------------------
+import json  # noqa: E402
+import re  # noqa: E402
+import warnings  # noqa: E402
+
+from jquant.errors import CheckpointWarning, NonFiniteError, ShapeError  # noqa: E402
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_meta(ckpt, fn):
+    p = ckpt / "meta" / "metadata"
+    meta = json.loads(p.read_text())
+    fn(meta)
+    p.write_text(json.dumps(meta))
+
+
+def _data_files(ckpt):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(ckpt / "arrays") for f in fs
+             if os.sep + "d" + os.sep in os.path.join(r, f)]
+    return sorted(files, key=os.path.getsize, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    tree = {"w": jquant.quantize(rand((512, 256), 0), QuantSpec(bits=4, group_size=32, symmetric=False)),
+            "emb": rand((256, 256), 1), "norm": rand((256,), 2, jnp.bfloat16)}
+    path = tmp_path_factory.mktemp("big") / "ck"
+    jquant.save(path, tree)
+    return tree, path
+
+
+def test_checksums_are_saved(big):
+    tree, path = big
+    meta = jquant.checkpoint.load_meta(path)
+    assert meta["format_version"] == jquant.checkpoint.FORMAT_VERSION == 2
+    by = {e["path"]: e for e in meta["leaves"]}
+    assert set(by["w"]["sha256"]) == {"codes", "scale", "zero"} and set(by["emb"]["sha256"]) == {"array"}
+    import hashlib
+
+    assert by["emb"]["sha256"]["array"] == hashlib.sha256(np.asarray(tree["emb"]).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("where", [0.0, 0.2, 0.45, 0.7, 0.97, 1.0])
+def test_zeroed_bytes_in_the_data_are_caught_naming_the_leaf(big, tmp_path, where):
+    """64 zero bytes anywhere in the largest Orbax data file: Orbax alone sometimes reads the
+    damaged chunk without complaint; the checksums (or the failing read) name the leaf. The
+    last couple of hundred bytes of the file are not array data (Orbax restores the same
+    arrays without them): there the restore must be bit-identical instead."""
+    tree, path = big
+    ck = _copy(path, tmp_path / "ck")
+    f = _data_files(ck)[0]
+    size = os.path.getsize(f)
+    with open(f, "r+b") as fh:
+        fh.seek(min(int(where * size), size - 64))
+        fh.write(b"\0" * 64)
+    if where == 1.0:
+        try:
+            out = jquant.restore(ck)
+        except CheckpointError as e:
+            assert re.search(r"leaf '(w|emb|norm)'", str(e)), str(e)
+        else:
+            assert_same_tree(tree, out)
+        return
+    with pytest.raises(CheckpointError, match=r"leaf '(w|emb|norm)'"):
+        jquant.restore(ck)
+
+
+def test_target_of_other_shape_or_dtype(big):
+    tree, path = big
+    with pytest.raises(CheckpointError, match=r"leaf 'emb': the checkpoint holds an array of shape \(256, 256\) "
+                                              r"float32, the target an array of shape \(256, 128\) float32"):
+        jquant.restore(path, target=dict(tree, emb=jnp.zeros((256, 128))))
+    with pytest.raises(CheckpointError, match=r"leaf 'norm': .*\(256,\) bfloat16, the target .*\(256,\) float32"):
+        jquant.restore(path, target=dict(tree, norm=jnp.zeros((256,))))
+    with pytest.raises(CheckpointError, match=r"leaf 'w': the checkpoint holds a QTensor of logical shape \(512, 256\) "
+                                              r"float32, the target an array of shape \(256, 512\) float32"):
+        jquant.restore(path, target=dict(tree, w=jnp.zeros((256, 512))))
+    out = jquant.restore(path, target=dict(tree, w=jnp.zeros((512, 256))))  # a float target of the same shape
+    assert jquant.is_qtensor(out["w"])
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]), ["cannot read checkpoint metadata"]),
+    (lambda p: p.write_text("not json {"), ["cannot read checkpoint metadata"]),
+    (lambda p: p.write_text("[1, 2]"), ["format_version None", "readable: 1, 2"]),
+    (lambda p: p.write_text(p.read_text().replace('"format_version": 2', '"format_version": 7')),
+     ["format_version 7", "readable: 1, 2"]),
+    (lambda p: p.write_text(p.read_text().replace('"keys"', '"kees"')), ["metadata entry of", "malformed"]),
+    (lambda p: p.write_text(p.read_text().replace('"sha256"', '"sha"')), ["malformed", "sha256 per array"]),
+    (lambda p: p.unlink(), ["cannot read checkpoint metadata"]),
+])
+def test_damaged_manifest(big, tmp_path, damage, words):
+    _, path = big
+    ck = _copy(path, tmp_path / "ck")
+    damage(ck / "meta" / "metadata")
+    with pytest.raises(CheckpointError) as ei:
+        jquant.restore(ck)
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
+
+
+def test_missing_item_and_missing_leaf(big, tmp_path):
+    _, path = big
+    ck = _copy(path, tmp_path / "ck")
+    shutil.rmtree(ck / "arrays")
+    with pytest.raises(CheckpointError, match="cannot restore arrays"):
+        jquant.restore(ck)
+    ck2 = _copy(path, tmp_path / "ck2")  # a leaf the metadata lists but the arrays do not hold
+    _edit_meta(ck2, lambda m: m["leaves"].append(dict(m["leaves"][0], path="extra", keys=[["dict", "extra"]])))
+    with pytest.raises(CheckpointError, match="cannot restore arrays"):
+        jquant.restore(ck2)
+
+
+def test_qtensor_metadata_disagreeing_with_parts(big, tmp_path):
+    _, path = big
+    ck = _copy(path, tmp_path / "ck")
+
+    def regroup(m):
+        e = next(e for e in m["leaves"] if e["path"] == "w")
+        e["qtensor"]["group_size"] = 64  # parts still hold 16 groups of 32
+
+    _edit_meta(ck, regroup)
+    with pytest.raises(CheckpointError, match=r"leaf 'w': its QTensor parts disagree with its metadata: .*scale has "
+                                              r"shape \(16, 256\), expected \(8, 256\)"):
+        jquant.restore(ck)
+
+
+def test_non_finite_scales_refused_on_save_and_restore(tmp_path, monkeypatch):
+    qt = jquant.quantize(rand((64, 8), 0), QuantSpec(bits=4, group_size=32))
+    bad = {"a": {"w": dataclasses.replace(qt, scale=qt.scale.at[0, 1].set(jnp.inf))}}
+    with pytest.raises(NonFiniteError, match=r"a/w: 1 of 16 stored scale value\(s\) are NaN/Inf"):
+        jquant.save(tmp_path / "c", bad)
+    assert not os.path.exists(tmp_path / "c")
+    import jquant.checkpoint as ck
+
+    monkeypatch.setattr(ck, "check_values", lambda *a, **k: None)  # a writer that did not check
+    jquant.save(tmp_path / "c", bad)
+    monkeypatch.undo()
+    with pytest.raises(NonFiniteError, match=r"leaf 'a/w': 1 of 16 stored scale value\(s\) are NaN/Inf"):
+        jquant.restore(tmp_path / "c")
+    wrong = {"w": dataclasses.replace(qt, perm=jnp.zeros(64, jnp.int32))}
+    with pytest.raises(ShapeError, match="w: perm repeats rows"):
+        jquant.save(tmp_path / "d", wrong)
+
+
+def test_version_1_without_checksums_loads_with_a_warning(big, tmp_path):
+    tree, path = big
+    ck = _copy(path, tmp_path / "ck")
+
+    def downgrade(m):
+        m["format_version"] = 1
+        for e in m["leaves"]:
+            e.pop("sha256", None)
+
+    _edit_meta(ck, downgrade)
+    with pytest.warns(CheckpointWarning, match="format version 1 has no checksums"):
+        out = jquant.restore(ck)
+    assert_same_tree(tree, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jquant.restore(path)  # a checksummed one restores without a warning

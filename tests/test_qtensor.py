@@ -171,3 +171,108 @@ def test_sharded_dequantize_subprocess():
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SHARDING_OK" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Parts against metadata: a QTensor whose arrays disagree with its static fields is refused
+# ---------------------------------------------------------------------------------------
+from jquant.errors import DTypeError, NonFiniteError, ShapeError, SpecError  # noqa: E402
+from jquant.qtensor import check_parts, check_values  # noqa: E402
+
+
+def asym():
+    return jquant.quantize(rand((64, 8), 0), SPEC)  # codes (8, 8) uint32, scale/zero (2, 8)
+
+
+@pytest.mark.parametrize("change, err, words", [
+    (dict(codes=jnp.zeros((7, 8), jnp.uint32)), ShapeError, ["codes", "(7, 8)", "expected (8, 8)", "64 4-bit codes"]),
+    (dict(codes=jnp.zeros((8, 8), jnp.int32)), DTypeError, ["codes", "int32", "uint32"]),
+    (dict(codes=jnp.zeros((8, 8), jnp.uint8)), DTypeError, ["codes", "uint8", "uint32"]),
+    (dict(scale=jnp.ones((4, 8), jnp.float16)), ShapeError, ["scale", "(4, 8)", "expected (2, 8)", "group 32"]),
+    (dict(scale=jnp.ones((2, 8), jnp.int32)), DTypeError, ["scale", "int32", "floating"]),
+    (dict(zero=None), ShapeError, ["zero is None", "(2, 8)"]),
+    (dict(zero=jnp.ones((2, 8), jnp.float16)), DTypeError, ["zero", "float16", "integer"]),
+    (dict(g_idx=jnp.zeros((63,), jnp.int32)), ShapeError, ["g_idx", "(63,)", "expected (64,)"]),
+    (dict(g_idx=jnp.zeros((64,), jnp.float32)), DTypeError, ["g_idx", "float32", "integer"]),
+    (dict(g_idx=jnp.zeros((64,), jnp.int32), perm=jnp.arange(64, dtype=jnp.int32)), ShapeError,
+     ["both g_idx and perm"]),
+    (dict(perm=jnp.arange(32, dtype=jnp.int32)), ShapeError, ["perm", "(32,)", "expected (64,)"]),
+    (dict(outlier_idx=jnp.arange(2, dtype=jnp.int32)), ShapeError, ["outlier_idx and outlier_w", "only outlier_idx"]),
+    (dict(outlier_idx=jnp.arange(2, dtype=jnp.int32), outlier_w=jnp.ones((3, 8), jnp.float16)), ShapeError,
+     ["outlier_w", "(3, 8)", "expected (2, 8)"]),
+    (dict(shape=(64, 9)), ShapeError, ["codes", "(8, 8)", "expected (8, 9)"]),
+    (dict(group_size=16), ShapeError, ["scale", "(2, 8)", "expected (4, 8)"]),
+    (dict(grid=SPEC.grid._replace(bits=3)), ShapeError, ["codes", "(8, 8)", "expected (6, 8)", "3-bit"]),
+    (dict(word_bits=8), ShapeError, ["codes", "(8, 8)", "expected (32, 8)", "32 uint8 words"]),
+    (dict(grid=SPEC.grid._replace(symmetric=True)), ShapeError, ["zero", "stores no zero", "valid: None"]),
+    (dict(grid=SPEC.grid._replace(fmt="int5")), SpecError, ["'int5'", "valid:"]),
+    (dict(axis=2), SpecError, ["axis", "0..1", "2"]),
+    (dict(granularity="row"), SpecError, ["'row'", "tensor, channel, group"]),
+    (dict(dtype="int8"), SpecError, ["'int8'", "float dtype"]),
+])
+def test_parts_disagreeing_with_metadata_are_refused(change, err, words):
+    with pytest.raises(err) as ei:
+        dataclasses.replace(asym(), **change)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_block_and_bcq_formats_are_checked():
+    w = rand((64, 8), 1)
+    q8 = jquant.quantize(w, QuantSpec(format="q8_0", method="kquant"))
+    with pytest.raises(ShapeError, match=r"codes has shape \(67, 8\), expected \(68, 8\) \(2 blocks of 34 bytes"):
+        dataclasses.replace(q8, codes=q8.codes[:67])
+    with pytest.raises(ShapeError, match=r"has a scale of shape \(1, 1\), but q8_0 stores no scale \(q8_0 stores its scales in the code blocks\); valid: None"):
+        dataclasses.replace(q8, scale=jnp.ones((1, 1)))
+    with pytest.raises(ShapeError, match=r"in a multiple of 32; got shape \(48, 8\)"):
+        dataclasses.replace(q8, shape=(48, 8))
+    nv = jquant.quantize(w, QuantSpec(format="nvfp4", method="blockfloat"))
+    with pytest.raises(ShapeError, match=r"scale has shape \(2,\), expected \(1, 1\)"):
+        dataclasses.replace(nv, scale=jnp.ones((2,), jnp.float32))
+    bq = jquant.quantize(w, QuantSpec(format="bcq", bits=3, group_size=32, method="bcq"))
+    assert bq.scale.shape == (3, 2, 8)
+    check_parts(bq, strict=True)
+    loose = dataclasses.replace(bq, scale=bq.scale[0])  # bcq.py's transitional two-step build
+    with pytest.raises(ShapeError, match=r"scale has shape \(2, 8\), expected \(3, 2, 8\) \(one α per bit plane"):
+        check_parts(loose, strict=True)
+
+
+def test_checks_under_jit_vmap_and_tree_map():
+    qt = asym()
+    # tracers: shapes are checked at trace time
+    with pytest.raises(ShapeError, match="scale has shape"):
+        jax.jit(lambda s: dataclasses.replace(qt, scale=s).dequantize())(jnp.ones((3, 8), jnp.float16))
+    out = jax.jit(lambda s: dataclasses.replace(qt, scale=s).dequantize())(qt.scale)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(qt.dequantize()))
+    # placeholder leaves jax unflattens with, and abstract values
+    leaves, treedef = jax.tree_util.tree_flatten(qt)
+    for fill in (object(), None, 0):
+        assert jax.tree_util.tree_unflatten(treedef, [fill] * len(leaves)).shape == qt.shape
+    assert jax.eval_shape(lambda q: q, qt).codes.shape == (8, 8)
+    assert jax.tree_util.tree_map(lambda a: a.sharding, qt).shape == qt.shape
+    # stacked parts share leading batch axes; mismatched ones are refused
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), qt)
+    assert jax.vmap(jquant.dequantize)(stacked).shape == (2, 64, 8)
+    with pytest.raises(ShapeError, match=r"leading \(batch\) axes \(3,\), other parts \(2,\)"):
+        dataclasses.replace(stacked, scale=jnp.stack([qt.scale] * 3))
+    # gradients through the scale (integer parts get float0 cotangents)
+    g = jax.grad(lambda q: jnp.sum(q.dequantize()), allow_int=True)(qt)
+    assert g.scale.shape == (2, 8) and g.codes.dtype == jax.dtypes.float0
+
+
+def test_check_values():
+    qt = asym()
+    check_values(qt, "w")
+    bad = dataclasses.replace(qt, scale=qt.scale.at[1, 3].set(jnp.nan))  # the constructor reads no values
+    with pytest.raises(NonFiniteError, match=r"w: 1 of 16 stored scale value\(s\) are NaN/Inf \(first at index \(1, 3\)"):
+        check_values(bad, "w")
+    inf_zero = jquant.quantize(rand((64, 8), 2), dataclasses.replace(SPEC, zero_type="float"))
+    with pytest.raises(NonFiniteError, match="stored zero"):
+        check_values(dataclasses.replace(inf_zero, zero=inf_zero.zero.at[0, 0].set(jnp.inf)))
+    with pytest.raises(ShapeError, match=r"w: g_idx holds values in \[0, 2\]; valid: \[0, 2\)"):
+        check_values(dataclasses.replace(qt, g_idx=jnp.arange(64, dtype=jnp.int32) % 3), "w")
+    with pytest.raises(ShapeError, match="perm repeats rows"):
+        check_values(dataclasses.replace(qt, perm=jnp.zeros(64, jnp.int32)), "w")
+    with pytest.raises(ShapeError, match=r"outlier_idx holds values in \[1, 64\]; valid: \[0, 64\)"):
+        check_values(dataclasses.replace(qt, outlier_idx=jnp.array([1, 64], jnp.int32),
+                                         outlier_w=jnp.ones((2, 8), jnp.float16)), "w")

@@ -1,0 +1,100 @@
+"""A calibration job killed anywhere resumes to the bit-identical result (issue #18).
+
+The full harness (``scripts/kill_resume.py``: SIGKILL at random moments, many trials) runs
+here as a short slow slice. The two in-process tests pin the places where resuming
+``jquant.calibrate.quantize_model`` is known to go wrong today; they are strict xfails, so
+the fix turns them into failures that ask for the marker to go.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jquant as jq
+from jquant import calibrate
+from jquant.models import LlamaConfig, init_model
+
+LIN = r"(q|k|v|o|gate|up|down)_proj/kernel$"
+SPEC = jq.QuantSpec(bits=3, group_size=32, symmetric=False, method="gptq")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Kill(Exception):
+    pass
+
+
+def tiny(dtype=jnp.float32):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    toks = np.random.default_rng(0).integers(0, 128, size=(16, 64)).astype(np.int32)
+    return init_model(cfg, key=0, dtype=dtype), toks
+
+
+def assert_same(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    differ = [i for i, (x, y) in enumerate(zip(la, lb))
+              if not np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))]
+    assert not differ, f"{len(differ)} of {len(la)} arrays differ after resuming"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="calibrate.py writes hidden.npy (block i's outputs) before progress.json "
+                                       "(done=i): a kill between the two resumes block i on its own outputs")
+def test_kill_between_hidden_states_and_progress(tmp_path, monkeypatch):
+    model, toks = tiny()
+    ref, _ = calibrate.quantize_model(model, toks, [(LIN, SPEC)], progress=False)
+    real = calibrate.write_json
+
+    def dying(path, obj):
+        if path.endswith("progress.json") and obj["done"] == 1:  # block 1's hidden.npy is in place
+            raise Kill
+        real(path, obj)
+
+    monkeypatch.setattr(calibrate, "write_json", dying)
+    with pytest.raises(Kill):
+        calibrate.quantize_model(model, toks, [(LIN, SPEC)], work_dir=str(tmp_path), progress=False)
+    monkeypatch.undo()
+    out, _ = calibrate.quantize_model(model, toks, [(LIN, SPEC)], work_dir=str(tmp_path), progress=False)
+    assert_same(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="np.save writes bfloat16 hidden states as void |V2, which np.load cannot give back")
+def test_resume_bfloat16_model(tmp_path):
+    model, toks = tiny(jnp.bfloat16)
+
+    def killer(e):
+        if e.path.startswith("layers/1/"):
+            raise Kill
+
+    with pytest.raises(Kill):
+        calibrate.quantize_model(model, toks, [(LIN, SPEC)], work_dir=str(tmp_path), progress=False, on_layer=killer)
+    out, _ = calibrate.quantize_model(model, toks, [(LIN, SPEC)], work_dir=str(tmp_path), progress=False)
+    ref, _ = calibrate.quantize_model(model, toks, [(LIN, SPEC)], progress=False)
+    assert_same(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="until calibrate.py closes the hidden.npy/progress.json gap (see the strict "
+                                        "xfail above), a kill that lands in it makes a trial differ (2 of 20 in "
+                                        "benchmarks/results/kill_resume_cpu.json); drop this marker with the fix")
+def test_sigkill_harness_slice(tmp_path):
+    """Two trials of up to two SIGKILLs each at random moments (os.replace slowed down so some
+    land inside atomic writes); every trial ends bit-identical to an uninterrupted run."""
+    spec = importlib.util.spec_from_file_location("kill_resume", os.path.join(ROOT, "scripts", "kill_resume.py"))
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    out = tmp_path / "result.json"
+    rc = kr.main(["--trials", "2", "--max-kills", "2", "--layers", "2", "--seed", "1", "--dir", str(tmp_path / "runs"),
+                  "--json", str(out)])
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["trials"] == 2 and rc == (0 if result["identical"] == 2 else 1)
+    assert result["identical"] == 2, [t["difference"] for t in result["details"]]
