@@ -143,7 +143,8 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     groups = type(model.layers[0]).LINEAR_GROUPS
     logs: list[LayerLog] = []
 
-    fp = _fingerprint(tokens, rules, f"{model_id}|{batch_size}|{n_layers}")
+    shapes = [(path_str(kp), tuple(x.shape), str(x.dtype)) for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+    fp = _fingerprint(tokens, rules, f"{model_id}|{batch_size}|{n_layers}|{shapes}")
     done = -1
     resume = _Resume(work_dir, fp) if work_dir is not None else None
     if resume is not None:
@@ -334,18 +335,21 @@ class _Clock:
 
 
 class _Resume:
-    """A calibration job's resume point in ``work_dir``: ``progress.json`` (the job's
-    fingerprint, the last finished block ``done``, the logs so far, the hidden states'
-    dtype), ``blocks/NNN`` (each finished block's parameters) and ``hidden.npy`` (the
-    calibration set's hidden states after block ``done``, raw bytes of the model's dtype, so
-    bfloat16 survives), each written atomically, ``progress.json`` last."""
+    """A calibration job's resume point in ``work_dir``.
+
+    ``blocks/NNN`` holds each finished block's parameters (a checksummed checkpoint),
+    ``hidden_NNN.npy`` the calibration set's hidden states after block ``NNN`` (raw bytes of
+    the model's dtype, so bfloat16 survives), and ``progress.json`` (the job's fingerprint,
+    the last finished block ``done``, the hidden-state file with its dtype and SHA-256, the
+    logs so far) is written last, atomically: until it names the new point the old one
+    stands whole, so a kill at any moment resumes from a consistent point.
+    """
 
     def __init__(self, work_dir: str, fingerprint: str):
         self.dir, self.fp = work_dir, fingerprint
         self.progress = os.path.join(work_dir, "progress.json")
-        self.hidden_path = os.path.join(work_dir, "hidden.npy")
         self.saved: set[int] = set()
-        self.dtype = None
+        self.meta: dict = {}
         os.makedirs(os.path.join(work_dir, "blocks"), exist_ok=True)
 
     def load(self) -> tuple[int, list[LayerLog]]:
@@ -354,7 +358,8 @@ class _Resume:
         try:
             with open(self.progress) as fh:
                 prog = json.load(fh)
-            done, logs, self.dtype = int(prog["done"]), [LayerLog(**e) for e in prog.get("logs", [])], prog["dtype"]
+            done, logs = int(prog["done"]), [LayerLog(**e) for e in prog.get("logs", [])]
+            self.meta = {k: prog["hidden"][k] for k in ("file", "dtype", "sha256")}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{self.progress}: unreadable resume point ({type(e).__name__}: {e}); delete "
                                   f"{self.dir} to start again") from e
@@ -365,8 +370,20 @@ class _Resume:
         return done, logs
 
     def hidden(self, batches) -> list[np.ndarray]:
-        arr = np.load(self.hidden_path)
-        dt = jnp.dtype(self.dtype)
+        path = os.path.join(self.dir, os.path.basename(self.meta["file"]))
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError as e:
+            raise CheckpointError(f"{path}: the resume point's hidden states cannot be read ({e}); delete "
+                                  f"{self.dir} to start again") from e
+        if hashlib.sha256(raw).hexdigest() != self.meta["sha256"]:
+            raise CheckpointError(f"{path}: the hidden states do not match the checksum in {self.progress} "
+                                  f"(corrupted); delete {self.dir} to start again")
+        import io
+
+        arr = np.load(io.BytesIO(raw))
+        dt = jnp.dtype(self.meta["dtype"])
         if arr.dtype != dt:
             arr = arr.view(dt)
         return [arr[b] for b in batches]
@@ -380,9 +397,20 @@ class _Resume:
                 checkpoint.save(os.path.join(self.dir, "blocks", f"{i:03d}"), block_states[i], overwrite=True)
                 self.saved.add(i)
         h = np.concatenate([np.asarray(x) for x in hidden])
-        write_npy(self.hidden_path, h)
-        write_json(self.progress, {"fingerprint": self.fp, "done": done, "dtype": h.dtype.name,
+        name = f"hidden_{done:03d}.npy"
+        path = os.path.join(self.dir, name)
+        write_npy(path, h)
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        write_json(self.progress, {"fingerprint": self.fp, "done": done,
+                                   "hidden": {"file": name, "dtype": h.dtype.name, "sha256": digest},
                                    "logs": [dataclasses.asdict(e) for e in logs]})
+        for f in os.listdir(self.dir):  # earlier resume points' hidden states
+            if f.startswith("hidden") and f != name:
+                try:
+                    os.remove(os.path.join(self.dir, f))
+                except OSError:
+                    pass
 
 
 def _check_data_driven_leaves(state, compiled) -> None:

@@ -221,7 +221,7 @@ def test_resume_keeps_the_model_dtype_and_resume_interval(tiny, tmp_path, dtype)
             assert not os.path.exists(prog)
         else:
             saved = json.load(open(prog))
-            assert saved["done"] == done and saved["dtype"] == dtype
+            assert saved["done"] == done and saved["hidden"]["dtype"] == dtype
         resumed, _ = calibrate.quantize_model(m, toks, [(LIN, GPTQ3)], work_dir=wd, progress=False)
         for x, y in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(resumed)):
             assert x.dtype == y.dtype

@@ -2,8 +2,8 @@
 
 The full harness (``scripts/kill_resume.py``: SIGKILL at random moments, many trials) runs
 here as a short slow slice. The two in-process tests pin the places where resuming
-``jquant.calibrate.quantize_model`` is known to go wrong today; they are strict xfails, so
-the fix turns them into failures that ask for the marker to go.
+``jquant.calibrate.quantize_model`` once went wrong: a kill between writing the hidden states
+and the progress file, and a bfloat16 model.
 """
 
 import importlib.util
@@ -42,9 +42,6 @@ def assert_same(a, b):
     assert not differ, f"{len(differ)} of {len(la)} arrays differ after resuming"
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="calibrate.py writes hidden.npy (block i's outputs) before progress.json "
-                                       "(done=i): a kill between the two resumes block i on its own outputs")
 def test_kill_between_hidden_states_and_progress(tmp_path, monkeypatch):
     model, toks = tiny()
     ref, _ = calibrate.quantize_model(model, toks, [(LIN, SPEC)], progress=False)
@@ -64,8 +61,6 @@ def test_kill_between_hidden_states_and_progress(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="np.save writes bfloat16 hidden states as void |V2, which np.load cannot give back")
 def test_resume_bfloat16_model(tmp_path):
     model, toks = tiny(jnp.bfloat16)
 
@@ -81,9 +76,6 @@ def test_resume_bfloat16_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="until calibrate.py closes the hidden.npy/progress.json gap (see the strict "
-                                        "xfail above), a kill that lands in it makes a trial differ (2 of 20 in "
-                                        "benchmarks/results/kill_resume_cpu.json); drop this marker with the fix")
 def test_sigkill_harness_slice(tmp_path):
     """Two trials of up to two SIGKILLs each at random moments (os.replace slowed down so some
     land inside atomic writes); every trial ends bit-identical to an uninterrupted run."""
