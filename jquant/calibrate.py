@@ -427,7 +427,7 @@ def _check_data_driven_leaves(state, compiled) -> None:
                                      "Quantize this leaf with a data-free method (rtn, hqq) or keep it in float (None)"))
 
 
-def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_size: int = 32,
+def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_size: int = 128,
                           temperature: float = 1.0, first_id: int = 0, progress: bool = False) -> np.ndarray:
     """``n`` windows of text the float model writes itself, ``(n, seq_len)`` int32.
 

@@ -4,7 +4,7 @@ result bit for bit with an uninterrupted run.
 The job (``--child``, one process) builds a tiny random Llama (``jquant.models.init_model``),
 draws calibration tokens, runs ``jquant.calibrate.quantize_model`` with GPTQ W3 g32
 act-order on every block linear in ``DIR/work`` (the resumable state: per-block Orbax
-checkpoints, ``hidden.npy``, ``progress.json``), saves the quantized tree to ``DIR/final``
+checkpoints, ``hidden_NNN.npy``, ``progress.json``, a resume point after every block), saves the quantized tree to ``DIR/final``
 and its layer logs to ``DIR/logs.json``, and writes ``DIR/DONE`` last. Starting it again
 with the same ``DIR`` resumes.
 
@@ -77,7 +77,9 @@ def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = N
     toks = np.random.default_rng(0).integers(0, 128, size=(16, 64)).astype(np.int32)
     spec = jq.QuantSpec(bits=3, group_size=32, symmetric=False, method="gptq", options={"act_order": True})
     Path(out, "started").touch()
+    # checkpoint_every=0: a resume point after every block, so kills land between many of them
     state, logs = calibrate.quantize_model(model, toks, [(LIN, spec)], work_dir=os.path.join(out, "work"),
+                                           checkpoint_every=0,
                                            batch_size=8, progress=False, model_id=f"tiny-llama-{dtype}")
     jq.save(os.path.join(out, "final"), state, overwrite=True)
     write_json(os.path.join(out, "logs.json"),

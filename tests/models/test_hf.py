@@ -116,6 +116,43 @@ def test_kv_cache_matches_full_forward(save_tiny):
     assert float(np.abs(np.asarray(jnp.concatenate(chunks, axis=1)) - ref).max()) < TOL
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_kv_cache_in_segments_matches_full_forward(save_tiny, kind):
+    """A cache of 300 slots is read in segments of 128 up to the filled part (the last one
+    overlapping the one before); prefill, single tokens and chunks across segment borders
+    give the full forward's logits (Mistral: with its sliding window)."""
+    from jquant.models import llama
+
+    d, tmodel = save_tiny(kind=kind)
+    model, _ = load_hf(d)
+    toks = jnp.asarray(_tokens(seq=290))
+    full, _ = model(toks)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(2, 300)
+    assert cache.max_len == 300 and 300 % llama._KV_SEGMENT
+    chunks = []
+    for a, b in [(0, 100), (100, 101), (101, 130), (130, 131), (131, 260), (260, 261), (261, 290)]:
+        logits, cache = forward(graphdef, state, toks[:, a:b], cache=cache)
+        chunks.append(logits)
+    diff = float(jnp.abs(jnp.concatenate(chunks, axis=1) - full).max())
+    assert diff < 1e-5, diff
+
+
+def test_sampler_draws_from_the_softmax():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T) and top-k is respected."""
+    from jquant.models.llama import _pick
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.125, 0.0625, 0.0625]] * 20000))
+    draws = np.asarray(_pick(logits, jax.random.key(0), 1.0, None))
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.125, 0.0625, 0.0625], atol=0.01)
+    hot = np.asarray(_pick(logits, jax.random.key(1), 0.5, None))  # T = 0.5 squares the odds
+    np.testing.assert_allclose(np.bincount(hot, minlength=5)[:2] / len(hot), [0.7529, 0.1882], atol=0.01)
+    top2 = np.asarray(_pick(logits, jax.random.key(2), 1.0, 2))
+    assert set(np.unique(top2)) == {0, 1}
+    np.testing.assert_allclose(np.mean(top2 == 0), 2 / 3, atol=0.01)
+
+
 def test_greedy_generate_matches_transformers(save_tiny):
     d, tmodel = save_tiny(kv_heads=2)
     model, _ = load_hf(d)
