@@ -33,10 +33,9 @@ its scales in float16, llm-compressor in the model's dtype.
 Each side runs as child processes (the job, then the evaluation), each timed by wall clock
 with its peak RSS from ``os.wait4``. Stages:
 
-- jquant: ``load``/``save`` and ``quantize`` from the manifest ``jquant.json``; ``solves``:
-  the sum of the per-linear GPTQ seconds in ``layers.json``; ``statistics + forward``:
-  ``quantize`` less the solves (Hessians, the block forward passes that push outputs on, and
-  the reconstruction diagnostics; the CLI does not yet split these: see ``todo`` in the JSON);
+- jquant: every stage from the manifest ``jquant.json`` (``seconds``: load, the block stages
+  with their fused statistics, the solves, the logged reconstruction errors, resume points,
+  save);
   ``other``: process start-up (imports, JAX) and exit;
 - llm-compressor: timed in its script: ``load``, ``calibration text`` (the Dataset),
   ``oneshot``, split into ``solves`` (``GPTQModifier.compress_module_list``, wrapped with a
@@ -408,21 +407,20 @@ def run_jquant(args, hf: str, tokens: str, ev: dict) -> dict:
     with open(os.path.join(out, "layers.json")) as fh:
         layers = json.load(fh)["layers"]
     sec = manifest["seconds"]
-    solves = sum(e["seconds"] for e in layers)
-    stages = {"load": sec["load"], "calibration_text": None, "statistics_and_forward": sec["quantize"] - solves,
-              "solves": solves, "save": sec["save"]}
+    stages = {"load": sec["load"], "calibration_text": sec.get("calibration_text"),
+              "statistics_and_forward": sec.get("embed", 0.0) + sec.get("forward", 0.0) + sec.get("prepare", 0.0),
+              "solves": sec.get("solve", sum(e["seconds"] for e in layers)), "diagnostics": sec.get("baseline"),
+              "resume_points": sec.get("checkpoint"), "save": sec["save"]}
     stages["other"] = job["wall_s"] - sum(v for v in stages.values() if v is not None)
     side = {"tool": "jquant", "command": " ".join(["jquant"] + cmd[3:]), **job, "stages": stages,
             "modules": len(layers), "checkpoint_bytes_on_disk": manifest["checkpoint_bytes_on_disk"],
             "bits_per_weight_quantized": manifest["bits_per_weight_quantized"],
-            "notes": {"calibration_text": "made once by benchmarks/pipeline.py and pre-seeded as work/tokens.npy; "
-                                          "the CLI's np.load of it is inside statistics_and_forward",
-                      "statistics_and_forward": "quantize seconds less the per-linear GPTQ seconds of layers.json: "
-                                                "Hessians, block forward passes, recon diagnostics, compile"},
-            "todo": {"calibration_breakdown": None,
-                     "what": "jquant quantize does not yet report its calibration stages apart (Hessian statistics, "
-                             "forward passes pushing outputs on, diagnostics, compile); fill from the CLI once it "
-                             "writes them"}}
+            "notes": {"calibration_text": "made once by benchmarks/pipeline.py and pre-seeded as work/tokens.npy "
+                                          "(the CLI only reads it)",
+                      "statistics_and_forward": "the embedding and the block stages with their fused statistics "
+                                                "(jquant.json seconds: embed + forward)",
+                      "diagnostics": "the logged reconstruction errors of each linear and of RTN on its grid",
+                      "other": "start-up, imports, jit compilation, assembling the tree, exit"}}
     if ev:
         side["eval"] = {"wall_s": 0.0, "peak_rss_mib": 0.0, "texts": {}, "commands": []}
         for text in TEXTS:
@@ -504,8 +502,9 @@ def run_peer(args, py: str, hf: str, tokens: str, ev: dict) -> dict:
 # Report.
 
 STAGES = (("load", "load"), ("calibration_text", "calibration text"),
-          ("statistics_and_forward", "statistics + forward"), ("solves", "solves"), ("save", "save"),
-          ("other", "other (start-up, exit)"))
+          ("statistics_and_forward", "statistics + forward"), ("solves", "solves"),
+          ("diagnostics", "diagnostics (recon errors)"), ("resume_points", "resume points"), ("save", "save"),
+          ("other", "other (start-up, compile, exit)"))
 
 
 def table(doc: dict, markdown: bool) -> str:

@@ -339,8 +339,13 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
 
 def reconstruction_error(w, qt: QTensor, H) -> float:
     """``tr((W−Q)ᵀ H (W−Q)) / 2`` = ‖X(W−Q)‖²/n: the layer's output error on the calibration inputs."""
-    d = (jnp.asarray(w, jnp.float32) - qt.dequantize(jnp.float32))
-    return float(jnp.sum(d * jnp.dot(H.astype(jnp.float32), d, precision=_HP)) / 2)
+    return float(_reconstruction_error(jnp.asarray(w), qt, jnp.asarray(H)))
+
+
+@jax.jit
+def _reconstruction_error(w, qt: QTensor, H):
+    d = w.astype(jnp.float32) - qt.dequantize(jnp.float32)
+    return jnp.sum(d * jnp.dot(H.astype(jnp.float32), d, precision=_HP)) / 2
 
 
 

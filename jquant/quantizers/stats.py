@@ -44,6 +44,25 @@ class Hessian(NamedTuple):
         return cls(jnp.zeros((features, features), jnp.float32), jnp.zeros((), jnp.float32))
 
 
+_GRAM_BLOCK = 512  # columns per block of the Gram matrix's upper triangle
+
+
+def gram(x) -> jax.Array:
+    """``xᵀx`` for ``x`` ``(rows, k)``: the blocks on and above the diagonal, in column blocks
+    of about ``_GRAM_BLOCK``, the ones below mirrored from them (``xᵀx`` is symmetric), so
+    ``(b+1)/2b`` of the products of ``b`` blocks (0.75 at two). Each block is the product
+    of the same columns as in the full ``xᵀx``, summed over the same rows."""
+    k = x.shape[-1]
+    nb = max(1, round(k / _GRAM_BLOCK))
+    if nb == 1:
+        return lax.dot_general(x, x, (((0,), (0,)), ((), ())), precision=_HP)
+    edges = [(k * i // nb, k * (i + 1) // nb) for i in range(nb)]
+    blk = {(i, j): lax.dot_general(x[:, a0:a1], x[:, b0:b1], (((0,), (0,)), ((), ())), precision=_HP)
+           for i, (a0, a1) in enumerate(edges) for j, (b0, b1) in enumerate(edges) if j >= i}
+    return jnp.concatenate([jnp.concatenate([blk[i, j] if j >= i else blk[j, i].T for j in range(nb)], axis=1)
+                            for i in range(nb)], axis=0)
+
+
 @jax.jit
 def hessian_update(h: Hessian, x) -> Hessian:
     """Fold a batch of inputs ``x`` (``(..., in)``) into the running mean.
@@ -55,7 +74,7 @@ def hessian_update(h: Hessian, x) -> Hessian:
     m = jnp.float32(x.shape[0])
     n = h.n + m
     xs = x * jnp.sqrt(2.0 / n)
-    H = h.H * (h.n / n) + lax.dot_general(xs, xs, (((0,), (0,)), ((), ())), precision=_HP)
+    H = h.H * (h.n / n) + gram(xs)
     return Hessian(H, n)
 
 

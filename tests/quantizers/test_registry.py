@@ -26,6 +26,20 @@ def test_statistics_against_float64():
     np.testing.assert_array_equal(got["act_abs_max"], np.max(np.abs(X), 0).astype(np.float32))
 
 
+@pytest.mark.parametrize("k", [12, 700, 1536])
+def test_gram_by_upper_blocks_is_the_full_product(k):
+    """The Hessian's Gram matrix from the blocks on and above the diagonal, mirrored: symmetric
+    and equal to XᵀX (float64 reference; bit-equal to the float32 full product here)."""
+    from jquant.quantizers.stats import gram
+
+    x = np.random.default_rng(k).normal(size=(300, k)).astype(np.float32)
+    g = np.asarray(jax.jit(gram)(jnp.asarray(x)))
+    np.testing.assert_array_equal(g, g.T)
+    np.testing.assert_allclose(g, x.astype(np.float64).T @ x.astype(np.float64), rtol=1e-5, atol=1e-3)
+    full = np.asarray(jax.jit(lambda a: a.T @ a)(jnp.asarray(x)))
+    np.testing.assert_allclose(g, full, rtol=1e-6, atol=1e-4)
+
+
 def test_registry_errors():
     with pytest.raises(SpecError, match="unknown method 'nope'; available: ") as e:
         jq.QuantSpec(method="nope")
