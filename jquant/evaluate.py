@@ -7,8 +7,11 @@
 - :func:`agreement`: how far a quantized model's next-token distribution is from the
   float model's: mean ``KL(p_float ‖ p_quant)`` per token, and top-1 agreement.
 
-Both take ``logits_fn(tokens: int32[B, T]) -> float[B, T, V]`` (jit it), so they serve
-any model.
+Both take ``logits_fn(tokens: int32[B, T]) -> float[B, T, V]``, so they serve any model.
+Pass a model's parameters as the bound arguments of a ``jax.tree_util.Partial``
+(``Partial(f, params)``): they then reach the jitted evaluation as arguments. A plain
+closure over large arrays makes XLA embed them in the compiled program as constants (slow
+to compile, their memory held twice).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from jquant.data import eval_windows
 from jquant.errors import ShapeError
@@ -58,6 +62,12 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="win", leave=False, disable=None)
 
 
+def _partial(fn: Callable) -> Partial:
+    """``fn`` as a pytree a jitted function can take as an argument: a ``Partial``'s bound
+    arguments are traced like any array argument; a plain function is static."""
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
 def token_nll(logits, tokens):
     """Per-position NLL (float32) of ``tokens[:, 1:]`` under ``logits[:, :-1]``: shape ``(B, T-1)``."""
     lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -70,13 +80,15 @@ def perplexity(logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512, b
     windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
 
     @jax.jit
-    def nll_sum(batch, mask):
-        return jnp.sum(token_nll(logits_fn(batch), batch) * mask[:, None])
+    def nll_sum(fn, batch, mask):
+        return jnp.sum(token_nll(fn(batch), batch) * mask[:, None])
+
+    fn = _partial(logits_fn)
 
     total = 0.0
     bar = _progress(len(windows), desc, progress)
     for batch, mask in _batches(windows, batch_size):
-        total += float(nll_sum(batch, mask))
+        total += float(nll_sum(fn, batch, mask))
         if bar is not None:
             bar.update(int(mask.sum()))
     if bar is not None:
@@ -102,9 +114,9 @@ def agreement(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, 
     windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
 
     @jax.jit
-    def stats(batch, mask):
-        lr = jax.nn.log_softmax(ref_logits_fn(batch).astype(jnp.float32), axis=-1)
-        lq = jax.nn.log_softmax(logits_fn(batch).astype(jnp.float32), axis=-1)
+    def stats(fr, fq, batch, mask):
+        lr = jax.nn.log_softmax(fr(batch).astype(jnp.float32), axis=-1)
+        lq = jax.nn.log_softmax(fq(batch).astype(jnp.float32), axis=-1)
         kl = jnp.sum(jnp.exp(lr) * (lr - lq), axis=-1)
         top = (jnp.argmax(lr, -1) == jnp.argmax(lq, -1)).astype(jnp.float32)
         return jnp.sum(kl * mask[:, None]), jnp.sum(top * mask[:, None])
@@ -112,7 +124,7 @@ def agreement(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, 
     kl_total = top_total = 0.0
     bar = _progress(len(windows), "agreement", progress)
     for batch, mask in _batches(windows, batch_size):
-        k, t = stats(batch, mask)
+        k, t = stats(_partial(ref_logits_fn), _partial(logits_fn), batch, mask)
         kl_total += float(k)
         top_total += float(t)
         if bar is not None:
@@ -157,12 +169,13 @@ def reference_hidden(hidden_fn: Callable, tokens: np.ndarray, *, seq_len: int = 
                 return np.asarray(h)
         except (OSError, ValueError):
             pass  # unreadable: computed again below
-    fn = jax.jit(hidden_fn)
+    fn = jax.jit(lambda f, t: f(t))
+    hidden_fn = _partial(hidden_fn)
     out = []
     bar = _progress(len(windows), "reference", progress)
     for batch, mask in _batches(windows, batch_size):
         n = int(mask.sum())
-        out.append(np.asarray(fn(batch))[:n])
+        out.append(np.asarray(fn(hidden_fn, batch))[:n])
         if bar is not None:
             bar.update(n)
     if bar is not None:
@@ -196,14 +209,15 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
     """
     windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
     cached = isinstance(ref_logits_fn, CachedReference)
+    fr, fq = _partial(ref_logits_fn.head if cached else ref_logits_fn), _partial(logits_fn)
     if cached and ref_logits_fn.hidden.shape[:2] != windows.shape:
         raise ShapeError(f"cached reference of shape {ref_logits_fn.hidden.shape[:2]} does not match the "
                          f"{windows.shape} evaluation windows")
 
     @jax.jit
-    def stats(batch, mask, h):
-        ref = (ref_logits_fn.head(h) if cached else ref_logits_fn(batch)).astype(jnp.float32)
-        q = logits_fn(batch).astype(jnp.float32)
+    def stats(fr, fq, batch, mask, h):
+        ref = (fr(h) if cached else fr(batch)).astype(jnp.float32)
+        q = fq(batch).astype(jnp.float32)
         m = mask[:, None]
         nll_r = jnp.sum(token_nll(ref, batch) * m)
         nll_q = jnp.sum(token_nll(q, batch) * m)
@@ -220,7 +234,7 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
             h = ref_logits_fn.hidden[i * batch_size: (i + 1) * batch_size]
             if len(h) < batch_size:  # padded like the last batch of windows
                 h = np.concatenate([h, np.repeat(h[:1], batch_size - len(h), axis=0)])
-        acc += np.asarray(stats(batch, mask, h), dtype=np.float64)
+        acc += np.asarray(stats(fr, fq, batch, mask, h), dtype=np.float64)
         if bar is not None:
             bar.update(int(mask.sum()))
     if bar is not None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jquant import data, evaluate
-from jquant.errors import DataError
+from jquant.errors import DataError, ShapeError
 
 V = 37
 
@@ -75,6 +75,32 @@ def test_agreement_and_compare(stream, table):
     np.testing.assert_allclose(cmp.ref.ppl, evaluate.perplexity(bigram_fn(table), stream, seq_len=50).ppl, rtol=1e-5)
     np.testing.assert_allclose(cmp.quant.ppl, evaluate.perplexity(bigram_fn(other), stream, seq_len=50).ppl, rtol=1e-5)
     np.testing.assert_allclose(cmp.agreement.kl, kl, rtol=1e-5)
+
+
+def test_compare_with_a_cached_reference(stream, table, tmp_path):
+    """The reference as cached last hidden states and a head (a Partial binding its
+    parameters) gives compare's figures, and the cache file is written once and read back."""
+    from jax.tree_util import Partial
+
+    other = table + np.random.default_rng(2).standard_normal(table.shape).astype(np.float32) * 0.5
+    emb = jnp.asarray(np.random.default_rng(3).standard_normal((V, 5)).astype(np.float32))
+    proj = jnp.asarray(np.random.default_rng(4).standard_normal((5, V)).astype(np.float32))
+    body = Partial(lambda e, t: e[t], emb)  # "hidden states"
+    head = Partial(lambda p, h: h @ p, proj)
+    direct = evaluate.compare(lambda t: emb[t] @ proj, bigram_fn(other), stream, seq_len=50, batch_size=3,
+                              max_windows=7)
+    cache = str(tmp_path / "ref" / "h.npy")
+    h = evaluate.reference_hidden(body, stream, seq_len=50, batch_size=3, max_windows=7, cache=cache)
+    assert h.shape == (7, 50, 5) and (tmp_path / "ref" / "h.npy").is_file()
+    np.save(cache, h * 0 + 1.0)  # a cached file is read, not recomputed
+    np.testing.assert_array_equal(evaluate.reference_hidden(body, stream, seq_len=50, max_windows=7, cache=cache), 1.0)
+    cached = evaluate.compare(evaluate.CachedReference(h, head), Partial(lambda t_, x: t_[x], jnp.asarray(other)),
+                              stream, seq_len=50, batch_size=3, max_windows=7)
+    for a, b in ((cached.ref.ppl, direct.ref.ppl), (cached.quant.ppl, direct.quant.ppl),
+                 (cached.agreement.kl, direct.agreement.kl), (cached.agreement.top1, direct.agreement.top1)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ShapeError, match="does not match"):
+        evaluate.compare(evaluate.CachedReference(h[:3], head), bigram_fn(other), stream, seq_len=50, max_windows=7)
 
 
 def test_text_shorter_than_a_window(table):
