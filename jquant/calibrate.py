@@ -129,6 +129,9 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         raise DataError(f"calibration tokens must be integer token ids, got dtype {tokens.dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float, np.integer, np.floating)) \
+            or not checkpoint_every >= 0:
+        raise DataError(f"checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
     tokens = tokens.astype(np.int32)
     clock = _Clock(timings)
     if tokens.ndim != 2 or tokens.shape[0] == 0:

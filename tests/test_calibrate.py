@@ -115,6 +115,10 @@ def test_mixed_methods_and_float_rules(tiny):
 
 def test_bad_calibration_tokens(tiny):
     model, _ = tiny
+    for bad in (-1, float("nan"), "60", True):
+        with pytest.raises(DataError, match="checkpoint_every must be a number of seconds >= 0"):
+            calibrate.quantize_model(model, np.zeros((2, 8), np.int32), [(LIN, GPTQ3)], progress=False,
+                                     checkpoint_every=bad)
     with pytest.raises(DataError, match="vocabulary"):
         calibrate.quantize_model(model, np.full((2, 8), 999, np.int32), [(LIN, GPTQ3)], progress=False)
     with pytest.raises(DataError, match="non-empty"):
