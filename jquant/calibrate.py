@@ -178,16 +178,16 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                                                "(NaN/Inf in the calibration activations)"))
         return stats
 
-    @jax.jit
-    def embed(t):
-        return nnx.merge(graphdef, state).embed(t)
+    # The parameters are an argument, not a closure: closed-over arrays are compiled in as
+    # constants (the whole model, held twice).
+    embed = jax.jit(lambda st, t: nnx.merge(graphdef, st).embed(t))
 
     batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
     if done >= 0:
         hidden = [jnp.asarray(x) for x in resume.hidden(batches)]
     else:
         with clock("embed"):
-            hidden = [embed(jnp.asarray(tokens[b])) for b in batches]  # one (batch, seq, hidden) array per batch
+            hidden = [embed(state, jnp.asarray(tokens[b])) for b in batches]  # one (batch, seq, hidden) per batch
             jax.block_until_ready(hidden)
 
     bar = None
