@@ -20,6 +20,7 @@ import sys
 import time
 
 from jquant._atomic import write_json, write_npy
+from jquant._cache import cache_root
 
 MANIFEST = "jquant.json"
 
@@ -184,8 +185,8 @@ def _reference_cache(manifest: dict, windows) -> str | None:
     import jquant.models.layers
     import jquant.models.llama
 
-    root = os.environ.get("JQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jquant"))
-    if not root:
+    root = cache_root()
+    if root is None:
         return None
     h = hashlib.sha256()
     model = os.path.realpath(manifest["model"])
@@ -315,8 +316,8 @@ def _compilation_cache() -> None:
     """Keep XLA's compiled programs in ``$JQUANT_CACHE/xla`` (default ``~/.cache/jquant``)
     between runs, unless ``JAX_COMPILATION_CACHE_DIR`` says otherwise or ``JQUANT_CACHE=``
     turns caching off: a second ``jquant eval`` skips compiling the model (about 7 s here)."""
-    root = os.environ.get("JQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jquant"))
-    if not root or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    root = cache_root()
+    if root is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     import jax
 

@@ -29,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jquant._cache import cache_root
 from jquant.errors import CheckpointError, UnsupportedModelError
 from jquant.models._gguf_file import GGUFFile, TensorInfo
 from jquant.models._values import finite, positive_float, short, size, token_id
@@ -388,8 +389,8 @@ def load_gguf_tokenizer(path: str | os.PathLike | None = None):
 
 def _tokenizer_cache(reader: GGUFFile, version: str) -> Path | None:
     """The cache directory of a GGUF file's tokenizer (None when caching is off)."""
-    root = os.environ.get("JQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jquant"))
-    if not root:
+    root = cache_root()
+    if root is None:
         return None
     h = hashlib.sha256(f"transformers {version}".encode())
     for key in sorted(k for k in reader.fields if k.startswith("tokenizer.")):
