@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import/export for the Llama family (Llama, SmolLM, Mistral, Qwen2).
+"""Hugging Face checkpoint import/export for the Llama family (Llama, SmolLM, Mistral, Qwen2) and Gemma 3.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards
 listed in ``model.safetensors.index.json``. Import reads tensor by tensor with
@@ -26,6 +26,7 @@ from flax import nnx
 from jquant.errors import CheckpointError, UnsupportedModelError
 from jquant.models._values import MAX_SIZE, finite, short
 from jquant.models.layers import is_qtensor
+from jquant.models.gemma import Gemma3Config
 from jquant.models.llama import Llama, LlamaConfig, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,6 +36,11 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
     "input_layernorm.weight": ("input_layernorm", "scale"),
     "post_attention_layernorm.weight": ("post_attention_layernorm", "scale"),
+    # Gemma 3
+    "pre_feedforward_layernorm.weight": ("pre_feedforward_layernorm", "scale"),
+    "post_feedforward_layernorm.weight": ("post_feedforward_layernorm", "scale"),
+    "self_attn.q_norm.weight": ("self_attn", "q_norm", "scale"),
+    "self_attn.k_norm.weight": ("self_attn", "k_norm", "scale"),
 }
 for _p in ("q_proj", "k_proj", "v_proj", "o_proj"):
     _LAYER_NAMES[f"self_attn.{_p}.weight"] = ("self_attn", _p, "kernel")
@@ -86,13 +92,15 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
     Raises:
       CheckpointError: missing, unreadable, truncated or non-object ``config.json``; a missing
         field; a zero, negative, non-integer or otherwise impossible value (named with the file).
-      UnsupportedModelError: an architecture other than llama / mistral / qwen2.
+      UnsupportedModelError: an architecture other than llama / mistral / qwen2 / gemma3_text.
     """
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: config.json not found (is {path} a Hugging Face model directory?)")
     d = _read_json(cfg_file, "config.json")
     try:
+        if d.get("model_type") in ("gemma3", "gemma3_text"):
+            return Gemma3Config.from_hf_dict(d)
         return LlamaConfig.from_hf_dict(d)
     except (UnsupportedModelError, CheckpointError) as e:
         raise type(e)(f"{cfg_file}: {e}") from e

@@ -139,19 +139,27 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm (arXiv:1910.07467), computed in float32 and cast back, as in HF Llama.
+    """RMSNorm (arXiv:1910.07467), computed in float32, as in Hugging Face.
 
     ``y = scale * (x / sqrt(mean(x**2) + eps))``; param ``scale`` ``Float[Array, "hidden"]``.
-    The normalization runs in float32, the result is cast to the input dtype *before*
+    The normalization runs in float32; the result is cast to the input dtype *before*
     multiplying by ``scale`` (HF ``LlamaRMSNorm``).
+
+    With ``unit_offset=True`` (Gemma, HF ``GemmaRMSNorm``) the weight is ``1 + scale`` (the
+    parameter is zero-centred, so a fresh norm holds zeros) and the product is taken in float32
+    before the cast: ``y = (x̂ · (1 + scale)).astype(x.dtype)``. Whoever folds a norm into the
+    next linear (AWQ, rotations) must use ``1 + scale`` then (:attr:`unit_offset`).
     """
 
-    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32):
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32, unit_offset: bool = False):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((features,), dtype))
+        self.unit_offset = unit_offset
+        self.scale = nnx.Param((jnp.zeros if unit_offset else jnp.ones)((features,), dtype))
 
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return materialize(self.scale.get_value(), x.dtype) * y
+        y = xf * jax.lax.rsqrt(var + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + materialize(self.scale.get_value(), jnp.float32))).astype(x.dtype)
+        return materialize(self.scale.get_value(), x.dtype) * y.astype(x.dtype)

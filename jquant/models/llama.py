@@ -148,9 +148,10 @@ class LlamaConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise UnsupportedModelError(f"LlamaConfig.head_dim={self.head_dim}: rotary embeddings need an even head_dim")
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in self.MODEL_TYPES:
             raise UnsupportedModelError(
-                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"model_type {self.model_type!r} is not supported by {type(self).__name__}; supported: "
+                f"{', '.join(self.MODEL_TYPES)}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise UnsupportedModelError(f"LlamaConfig.sliding_window={self.sliding_window}: must be positive or None")
         rs = self.rope_scaling
@@ -180,10 +181,36 @@ class LlamaConfig:
                 rs = FrozenDict({"rope_type": rope_type, **rs})
         set_("rope_scaling", rs)
 
+    # What the shared modules ask a config (a family's config class overrides these).
+    MODEL_TYPES = SUPPORTED_MODEL_TYPES
+    hidden_act = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    norm_unit_offset = False  # RMSNorm weight is 1 + scale (Gemma)
+    qk_norm = False  # RMSNorm over each query and key head before the rotary embedding (Gemma 3)
+
     @property
     def num_kv_groups(self) -> int:
         """Query heads per KV head."""
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def query_scale(self) -> float:
+        """The factor of the attention scores ``q·k``: ``head_dim ** -0.5``."""
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def embed_scale(self) -> float | None:
+        """The factor of the token embeddings (``None``: none)."""
+        return None
+
+    @property
+    def model_class(self) -> type:
+        """The model this config describes."""
+        return Llama
+
+    def layer_config(self, layer: int) -> LlamaConfig:
+        """The config as layer ``layer``'s attention sees it (its sliding window and rotary
+        settings); every layer of a Llama-family model is the same."""
+        return self
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
@@ -210,7 +237,7 @@ class LlamaConfig:
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"model_type {short(model_type)} (architectures {short(d.get('architectures'))}) is not supported; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}, gemma3_text")
         act = d.get("hidden_act", d.get("hidden_activation", "silu"))
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"{model_type}: hidden_act {short(act)} is not supported; supported: silu")
@@ -384,7 +411,7 @@ _KV_SEGMENT = 128  # cache slots per step of attention over a KV cache
 
 
 def _cached_attention(q: Array, k_cache: Array, v_cache: Array, q_slot: Array, sliding_window: int | None,
-                      dtype) -> Array:
+                      scale: float, dtype) -> Array:
     """Attention of ``q`` ``(b, kv, g, t, hd)`` over the filled part of a heads-major cache
     ``(b, kv, S, hd)``: segments of ``_KV_SEGMENT`` slots up to the last query's slot, with an
     online softmax (running max and sum in float32), so a step's cost grows with the filled
@@ -394,7 +421,6 @@ def _cached_attention(q: Array, k_cache: Array, v_cache: Array, q_slot: Array, s
     seg = min(S, _KV_SEGMENT)
     filled = q_slot[-1] + 1
     n_seg = (filled + seg - 1) // seg
-    scale = 1.0 / math.sqrt(hd)
 
     def body(i, carry):
         m, l, acc = carry
@@ -429,17 +455,24 @@ def _default_positions(batch: int, seq: int, start) -> Array:
 class Attention(nnx.Module):
     """Grouped-query causal self-attention with rotary embeddings.
 
-    Query head ``h`` uses KV head ``h // num_kv_groups`` (HF ``repeat_kv``).
+    Query head ``h`` uses KV head ``h // num_kv_groups`` (HF ``repeat_kv``). What differs by
+    family or layer comes from ``config.layer_config(layer)``: the sliding window and rotary
+    settings of the layer, the score factor (``query_scale``), and with ``qk_norm`` an
+    RMSNorm over each query and key head before the rotation (params ``q_norm/scale``,
+    ``k_norm/scale`` ``(head_dim,)``; Gemma 3).
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        c = config
+    def __init__(self, config: LlamaConfig, *, layer: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config.layer_config(layer)
         self.config = c
         d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = Linear(d, h * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d, kv * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, kv * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(h * hd, d, use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
+            self.k_norm = RMSNorm(hd, eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
 
     def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
                  index: Array | int = 0, capture: dict | None = None):
@@ -469,6 +502,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_dim)
         k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions, c, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -482,7 +517,7 @@ class Attention(nnx.Module):
             start = (0, 0, jnp.asarray(index, jnp.int32), 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
-            out = _cached_attention(q, k_cache, v_cache, q_slot, c.sliding_window, x.dtype)
+            out = _cached_attention(q, k_cache, v_cache, q_slot, c.sliding_window, c.query_scale, x.dtype)
             out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_attention_heads * hd)
             return out, (k_cache, v_cache)
         k_slot = q_slot
@@ -496,7 +531,7 @@ class Attention(nnx.Module):
             c1 = min(t, c0 + _ATTN_CHUNK)
             qc = q[:, :, :, c0:c1].reshape(b, kvh, g * (c1 - c0), hd)
             scores = jnp.matmul(qc, kT[..., :c1], preferred_element_type=jnp.float32)
-            scores = scores.reshape(b, kvh, g, c1 - c0, c1) * (1.0 / math.sqrt(hd))
+            scores = scores.reshape(b, kvh, g, c1 - c0, c1) * c.query_scale
             qs, ks = q_slot[c0:c1, None], k_slot[None, :c1]
             mask = ks <= qs
             if c.sliding_window is not None:
@@ -509,11 +544,16 @@ class Attention(nnx.Module):
         return out, kv
 
 
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nnx.Module):
-    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))``; ``act`` is ``config.hidden_act``: SiLU
+    (SwiGLU, Llama) or tanh-approximated GELU (GeGLU, Gemma)."""
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
+        self.act = c.hidden_act
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
@@ -525,8 +565,8 @@ class MLP(nnx.Module):
         return self.down_proj(a)
 
     def gated(self, x: Array) -> Array:
-        """``silu(gate(x)) * up(x)``: the input of ``down_proj``."""
-        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        """``act(gate(x)) * up(x)``: the input of ``down_proj``."""
+        return _ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderBlock(nnx.Module):
@@ -547,12 +587,29 @@ class DecoderBlock(nnx.Module):
         (("mlp/down_proj",), ("columns", "mlp/up_proj/kernel")),
     )
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, layer: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.input_layernorm = self._norm(config, dtype)
+        self.self_attn = Attention(config, layer=layer, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = self._norm(config, dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    @staticmethod
+    def _norm(config: LlamaConfig, dtype) -> RMSNorm:
+        return RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, unit_offset=config.norm_unit_offset)
+
+    # Where a family's block differs (Gemma 3 normalises the attention and MLP outputs too).
+    def pre_mlp_norm(self, h: Array) -> Array:
+        """The norm before the MLP."""
+        return self.post_attention_layernorm(h)
+
+    def attn_out(self, a: Array) -> Array:
+        """What the residual stream adds of the attention output ``a`` (after o_proj)."""
+        return a
+
+    def mlp_out(self, m: Array) -> Array:
+        """What the residual stream adds of the MLP output ``m`` (after down_proj)."""
+        return m
 
     def _forward(self, h, positions, kv, index, capture):
         b, t, _ = h.shape
@@ -561,10 +618,10 @@ class DecoderBlock(nnx.Module):
         x = self.input_layernorm(h)
         attn_cap = {} if capture is not None else None
         a, kv = self.self_attn(x, positions, kv, index, attn_cap)
-        h = h + a
-        x2 = self.post_attention_layernorm(h)
+        h = h + self.attn_out(a)
+        x2 = self.pre_mlp_norm(h)
         mlp_cap = {} if capture is not None else None
-        h = h + self.mlp(x2, mlp_cap)
+        h = h + self.mlp_out(self.mlp(x2, mlp_cap))
         if capture is not None:
             for name in ("q_proj", "k_proj", "v_proj"):
                 capture[f"self_attn/{name}"] = x
@@ -617,13 +674,13 @@ class DecoderBlock(nnx.Module):
             a, _ = self.self_attn.heads(self.input_layernorm(h), positions)
             return {"h": h, "a": a}, a
         if k == 2:
-            h = h + self.self_attn.o_proj(carry["a"])
-            return {"h": h}, self.post_attention_layernorm(h)
+            h = h + self.attn_out(self.self_attn.o_proj(carry["a"]))
+            return {"h": h}, self.pre_mlp_norm(h)
         if k == 3:
-            a = self.mlp.gated(self.post_attention_layernorm(h))
+            a = self.mlp.gated(self.pre_mlp_norm(h))
             return {"h": h, "a": a}, a
         if k == 4:
-            return {"h": h + self.mlp.down_proj(carry["a"])}, None
+            return {"h": h + self.mlp_out(self.mlp.down_proj(carry["a"]))}, None
         raise ValueError(f"calibration_stage: k={k} outside 0..{len(self.LINEAR_GROUPS)}")
 
     def forward_with_inputs(self, h: Array, positions: Array | None = None) -> tuple[Array, dict[str, Array]]:
@@ -650,19 +707,25 @@ class Llama(nnx.Module):
     Block-wise: ``model.embed(tokens)`` → ``model.layers[i](h, positions)`` → ``model.head(h)``.
     """
 
+    BLOCK = DecoderBlock
+
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderBlock(config, dtype=dtype, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.layers = nnx.List([self.BLOCK(config, layer=i, dtype=dtype, rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = self.BLOCK._norm(config, dtype)
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs))
 
     def embed(self, tokens: Array) -> Array:
-        """``Int[Array, "batch seq"]`` → hidden states ``Float[Array, "batch seq hidden"]``."""
-        return self.embed_tokens(tokens, self.dtype)
+        """``Int[Array, "batch seq"]`` → hidden states ``Float[Array, "batch seq hidden"]``
+        (times ``config.embed_scale`` in the model's dtype where the family scales them)."""
+        h = self.embed_tokens(tokens, self.dtype)
+        if self.config.embed_scale is not None:
+            h = h * jnp.asarray(self.config.embed_scale, jnp.float32).astype(self.dtype)
+        return h
 
     def head(self, h: Array) -> Array:
         """Final RMSNorm and lm_head (or tied embedding): ``(batch, seq, hidden)`` → logits ``(batch, seq, vocab)``."""
@@ -726,12 +789,12 @@ class Llama(nnx.Module):
 
 def init_model(config: LlamaConfig, *, dtype=jnp.float32, key: Array | int = 0) -> Llama:
     """A randomly initialised model (kernels ~ N(0, 0.02²), norms 1)."""
-    return Llama(config, dtype=dtype, rngs=nnx.Rngs(params=key))
+    return config.model_class(config, dtype=dtype, rngs=nnx.Rngs(params=key))
 
 
 def abstract_model(config: LlamaConfig, *, dtype=jnp.float32) -> Llama:
     """The model with ``jax.ShapeDtypeStruct`` leaves (no memory), for converters to fill."""
-    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: config.model_class(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, positions: Array | None = None,

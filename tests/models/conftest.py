@@ -16,10 +16,11 @@ VOCAB = 128
 def _randomize(model, seed: int) -> None:
     """Re-draw every parameter so logits are O(1) (HF's init makes them ~0 and parity trivial)."""
     g = torch.Generator().manual_seed(seed)
+    centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            if name.endswith("norm.weight"):  # Gemma's norms weigh by 1 + w: a zero-centred w
+                p.copy_(centre + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
@@ -44,6 +45,17 @@ def tiny_hf_model(kind: str = "llama", *, tie: bool = False, kv_heads: int = 2, 
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**common, rope_theta=10000.0, sliding_window=5)
         model = transformers.MistralForCausalLM(cfg)
+    elif kind == "gemma3":
+        # Local (window 5, base 1e4) and global (base 1e6, optional rope scaling) layers, a
+        # query scale other than head_dim's; the caller passes tie=True for Gemma 3 as shipped.
+        common.update(head_dim=16)
+        layer_types = [("sliding_attention", "full_attention")[i % 3 == 1] for i in range(layers)]
+        full = {"rope_type": "default", "rope_theta": 1e6} if rope_scaling is None else \
+            {**rope_scaling, "rope_theta": 1e6}
+        cfg = transformers.Gemma3TextConfig(
+            **common, sliding_window=5, layer_types=layer_types, query_pre_attn_scalar=24,
+            rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+        model = transformers.Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(kind)
     model.config._attn_implementation = "eager"
