@@ -153,22 +153,23 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     if resume is not None:
         done, logs = resume.load()
 
-    # Stage functions, jitted once per (stage, statistics) for the block structure.
-    block_gd = nnx.split(model.layers[0])[0]
+    # Stage functions, jitted once per (block kind, stage, statistics): the blocks of a model
+    # may differ in static settings (Gemma 3's sliding-window and global layers), so each
+    # block runs with its own graph definition.
     stage_fns: dict = {}
 
-    def stage_fn(k: int, names: tuple[str, ...]):
-        """Jitted ``(block state, carry, stats) -> (carry, stats)``: stage ``k``, folding its
-        output's statistics ``names``."""
-        if (k, names) not in stage_fns:
+    def stage_fn(block_gd, k: int, names: tuple[str, ...]):
+        """Jitted ``(block state, carry, stats) -> (carry, stats)``: stage ``k`` of a block of
+        graph ``block_gd``, folding its output's statistics ``names``."""
+        if (block_gd, k, names) not in stage_fns:
             coll = Collector(names)
 
             def f(bstate, carry, st):
                 carry, x = nnx.merge(block_gd, bstate).calibration_stage(k, carry)
                 return carry, (coll.update(st, x) if names else st)
 
-            stage_fns[(k, names)] = jax.jit(f)
-        return stage_fns[(k, names)]
+            stage_fns[(block_gd, k, names)] = jax.jit(f)
+        return stage_fns[(block_gd, k, names)]
 
     def finalize(coll: Collector, st, where: str) -> dict:
         stats = coll.finalize(st)
@@ -203,7 +204,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             block_states[i] = resume.block(i, nnx.split(model.layers[i])[1])
             continue
         t_block = time.perf_counter()
-        _, bstate = nnx.split(model.layers[i])
+        block_gd, bstate = nnx.split(model.layers[i])
 
         def collect(bstate, leader: str, names) -> dict:
             """The statistics ``names`` of ``leader``'s input over the calibration set, running
@@ -215,8 +216,8 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             for h in hidden:
                 carry = {"h": h}
                 for j in range(k):
-                    carry, _ = stage_fn(j, ())(bstate, carry, ())
-                _, st = stage_fn(k, names)(bstate, carry, st)
+                    carry, _ = stage_fn(block_gd, j, ())(bstate, carry, ())
+                _, st = stage_fn(block_gd, k, names)(bstate, carry, st)
             return finalize(coll, st, f"{prefix}{leader}")
 
         block_specs = {}
@@ -242,7 +243,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             needed = tuple(sorted({n for sp in specs.values() for n in registry.get(sp.method).stats_for(sp)}))
             coll = Collector(needed)
             st = coll.init(_leaf(bstate, f"{names[0]}/kernel").shape[0]) if needed else ()
-            f = stage_fn(k, needed)
+            f = stage_fn(block_gd, k, needed)
             with clock("forward"):
                 for j, carry in enumerate(carries):
                     carries[j], st = f(bstate, carry, st)
@@ -253,7 +254,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                                                          on_layer, clock)
             bstate = _replace(bstate, new)
         # The quantized block's outputs are the next block's inputs.
-        f = stage_fn(len(groups), ())
+        f = stage_fn(block_gd, len(groups), ())
         with clock("forward"):
             hidden = [f(bstate, carry, ())[0]["h"] for carry in carries]
             del carries

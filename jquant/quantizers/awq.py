@@ -141,7 +141,8 @@ def prepare_block(bstate, structure, specs: dict, collect, replace, leaf, *, pre
     Args:
       bstate: the block's parameter state (float).
       structure: ``((linear names), fold target)`` per input group, in true-sequential order;
-        the fold target is ``("scale", path)`` (a norm weight, divided by s), ``("columns",
+        the fold target is ``("scale", path)`` (a norm weight, divided by s), ``("scale+1", path)``
+        (a norm weighing by ``1 + w``: ``1 + w`` divided by s), ``("columns",
         path)`` (a kernel whose output columns, and bias, are divided by s) or None (cannot fold).
       specs: ``{linear name: QuantSpec}`` of the block's linears that rules quantize.
       collect: ``(bstate, linear name, statistic names) -> {name: array}`` over the calibration set.
@@ -191,6 +192,8 @@ def fold_scales(bstate, names, fold, s, replace, leaf):
     t = leaf(bstate, target)
     if kind == "scale":
         new[target] = (t.astype(jnp.float32) / s).astype(t.dtype)
+    elif kind == "scale+1":  # a norm weighing by 1 + w (Gemma): (1 + w') = (1 + w) / s
+        new[target] = ((1.0 + t.astype(jnp.float32)) / s - 1.0).astype(t.dtype)
     else:
         new[target] = (t.astype(jnp.float32) / s[None, :]).astype(t.dtype)
         bias = target[: -len("kernel")] + "bias"

@@ -13,6 +13,7 @@ import jquant as jq
 from jquant import calibrate
 from jquant.errors import SpecError
 from jquant.models import LlamaConfig, forward, init_model
+from jquant.models.gemma import FULL, SLIDING, Gemma3Config
 from jquant.quantizers import awq, collect
 
 AWQ4 = jq.QuantSpec(bits=4, group_size=32, symmetric=False, method="awq", options={"grid": 10})
@@ -48,15 +49,23 @@ def test_search_matches_float64_reference(ref):
     np.testing.assert_allclose(np.asarray(s), sb / np.sqrt(sb.max() * sb.min()), rtol=1e-5)
 
 
-def _model(kv_heads):
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads)
-    return init_model(cfg, key=1)
+def _model(kv_heads, family="llama"):
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=kv_heads)
+    if family == "gemma3":  # norms weigh by 1 + w: folding must divide 1 + w, not w
+        model = init_model(Gemma3Config(**kw, head_dim=16, sliding_window=5, layer_types=(SLIDING, FULL)), key=1)
+        state = nnx.state(model)
+        norms = {jq.path_str(kp): 0.3 * jax.random.normal(jax.random.key(i), x.shape) for i, (kp, x) in
+                 enumerate(jax.tree_util.tree_flatten_with_path(state)[0]) if jq.path_str(kp).endswith("/scale")}
+        nnx.update(model, calibrate._replace(state, norms))
+        return model
+    return init_model(LlamaConfig(**kw), key=1)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # v->o folded (no GQA) / skipped (GQA), as AutoAWQ
-def test_folding_leaves_the_float_model_unchanged(kv_heads):
-    model = _model(kv_heads)
+def test_folding_leaves_the_float_model_unchanged(kv_heads, family):
+    model = _model(kv_heads, family)
     gd, state = nnx.split(model)
     toks = np.random.default_rng(0).integers(0, 96, size=(4, 24)).astype(np.int32)
     ref_logits = np.asarray(forward(gd, state, jnp.asarray(toks))[0])
@@ -70,7 +79,7 @@ def test_folding_leaves_the_float_model_unchanged(kv_heads):
             _, inputs = nnx.merge(bgd, bst).forward_with_inputs(h)
             return collect(names, [inputs[leader]])
 
-        bst2, info = awq.prepare_block(bst, calibrate.BLOCK_STRUCTURE, specs, coll, calibrate._replace,
+        bst2, info = awq.prepare_block(bst, type(block).LINEAR_GROUPS, specs, coll, calibrate._replace,
                                        calibrate._leaf, prefix=f"layers/{i}/")
         assert isinstance(info["self_attn/q_proj"], dict) and isinstance(info["mlp/down_proj"], dict)
         if kv_heads == 4:
