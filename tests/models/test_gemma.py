@@ -174,3 +174,58 @@ def test_load_hf_refuses_softcapping(save_tiny):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match=r"config\.json.*final_logit_softcapping=30\.0"):
         load_hf(d)
+
+
+# -- GGUF -----------------------------------------------------------------------------------
+
+def _gguf_parity(tmp_path, tmodel, **kw):
+    from gguf_writer import write_gemma3_gguf
+
+    from jquant.models import load_gguf
+
+    write_gemma3_gguf(tmp_path / "g.gguf", tmodel, **kw)
+    model, config, _ = load_gguf(tmp_path / "g.gguf", tokenizer=False)
+    toks = _tokens(seq=40)
+    ref = torch_logits(tmodel, toks)
+    diff = float(np.abs(np.asarray(model(jnp.asarray(toks))[0]) - ref).max())
+    return model, config, diff
+
+
+def test_gemma3_gguf_default_pattern_matches_transformers(tmp_path):
+    """Six layers as llama.cpp assumes them (five local, one global), norms stored as 1 + w."""
+    from conftest import tiny_hf_model
+
+    tmodel = tiny_hf_model("gemma3", tie=True, layers=6, query_pre_attn_scalar=16,
+                           layer_types=[SLIDING] * 5 + [FULL])
+    model, config, diff = _gguf_parity(tmp_path, tmodel)
+    assert isinstance(model, Gemma3) and config.layer_types == (SLIDING,) * 5 + (FULL,)
+    assert config.sliding_window == 5 and config.query_scale == 0.25
+    assert diff < TOL, diff
+    # the norm weighs by exactly the 1 + w llama.cpp stored (w itself loses its low bits in 1 + w)
+    ours = np.asarray(model.layers[3].post_feedforward_layernorm.scale.get_value())
+    hf = tmodel.model.layers[3].post_feedforward_layernorm.weight.detach().numpy()
+    np.testing.assert_array_equal(np.float32(1) + ours, np.float32(1) + hf)
+
+
+def test_gemma3_gguf_listed_pattern_and_q8_0(tmp_path):
+    from conftest import tiny_hf_model
+
+    tmodel = tiny_hf_model("gemma3", tie=True, layers=4, query_pre_attn_scalar=16)
+    _, config, diff = _gguf_parity(tmp_path, tmodel, swa_pattern=True)
+    assert config.layer_types == (SLIDING, FULL, SLIDING, SLIDING) and diff < TOL, diff
+    _, _, diff8 = _gguf_parity(tmp_path, tmodel, swa_pattern=True, qtype="Q8_0")
+    assert 10 * TOL < diff8 < 0.5, diff8  # Q8_0 weights: close, not equal
+
+
+def test_gemma3_gguf_softcapping_is_refused(tmp_path):
+    import gguf
+    from conftest import tiny_hf_model
+    from gguf_writer import write_gemma3_gguf
+
+    from jquant.models import load_gguf
+
+    tmodel = tiny_hf_model("gemma3", tie=True, layers=2, query_pre_attn_scalar=16)
+    write_gemma3_gguf(tmp_path / "g.gguf", tmodel,
+                      meta={"gemma3.final_logit_softcapping": (30.0, gguf.GGUFValueType.FLOAT32)})
+    with pytest.raises(UnsupportedModelError, match=r"g\.gguf: GGUF gemma3\.final_logit_softcapping=30\.0"):
+        load_gguf(tmp_path / "g.gguf", tokenizer=False)
