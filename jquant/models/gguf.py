@@ -45,6 +45,7 @@ _TOP = {
     "output_norm.weight": ("norm", "scale"),
     "output.weight": ("lm_head", "kernel"),
 }
+ROPE_FREQS = "rope_freqs.weight"  # read into LlamaConfig.rope_freq_factors, not a parameter
 _BLK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _BLK = {
     "attn_norm": ("input_layernorm", "scale"),
@@ -224,9 +225,13 @@ def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
 
     Raises:
       CheckpointError: missing, zero, negative, non-numeric or inconsistent metadata (the
-        message names the file, the key and the value).
+        message names the file, the key and the value), or a ``rope_freqs.weight`` that is not
+        F32 ``[head_dim/2]`` finite positive numbers.
       UnsupportedModelError: another architecture, per-layer sizes that differ, a rope variant
         other than none/linear, partial rotary embeddings.
+
+    ``rope_freqs.weight`` (llama.cpp's per-pair rope frequency divisors, written by its converter
+    for Llama 3.1+ ``llama3`` rope scaling) becomes ``LlamaConfig.rope_freq_factors``.
     """
     if not isinstance(reader, GGUFFile):
         reader = _reader(reader)
@@ -260,17 +265,8 @@ def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
         raise UnsupportedModelError(
             f"{path}: GGUF {arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary "
             "embeddings are not supported")
-    if "rope_freqs.weight" in tensors:
-        raise UnsupportedModelError(
-            f"{path}: GGUF tensor 'rope_freqs.weight' (llama3-style rope frequency factors) is not supported")
-    scaling_type = _meta(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling_type in ("none", None):
-        rope_scaling = None
-    elif scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _meta_float(reader, f"{arch}.rope.scaling.factor")}
-    else:
-        raise UnsupportedModelError(
-            f"{path}: GGUF {arch}.rope.scaling.type={short(scaling_type)} is not supported; supported: none, linear")
+    rope_scaling = _rope_scaling(reader, arch)
+    rope_freq_factors = _rope_freq_factors(reader, arch, tensors.get(ROPE_FREQS), head_dim)
     layers = _meta_size(reader, f"{arch}.block_count")
     found = {int(m.group(1)) for m in map(_BLK_RE.match, tensors) if m}
     if layers > len(found):
@@ -292,6 +288,7 @@ def config_from_gguf(reader: GGUFFile | str | os.PathLike) -> LlamaConfig:
             rms_norm_eps=_meta_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
             rope_theta=_meta_float(reader, f"{arch}.rope.freq_base", 10000.0),
             rope_scaling=rope_scaling,
+            rope_freq_factors=rope_freq_factors,
             max_position_embeddings=_meta_size(reader, f"{arch}.context_length", 2048),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias=has_bias,
@@ -335,6 +332,45 @@ def _gemma3_fields(reader: GGUFFile, layers: int, hidden: int, heads: int, head_
         query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
         layer_types=layer_types,
     )
+
+
+def _rope_scaling(reader: GGUFFile, arch: str) -> dict[str, Any] | None:
+    """``rope_scaling`` from ``<arch>.rope.scaling.{type,factor}``, read as llama.cpp reads them: a
+    missing type means ``linear`` (so a factor without a type applies), ``none`` ignores the factor.
+    llama.cpp's converter writes neither for ``llama3`` scaling (it writes ``rope_freqs.weight``)."""
+    factor_key = f"{arch}.rope.scaling.factor"
+    scaling_type = _meta(reader, f"{arch}.rope.scaling.type", "linear" if factor_key in reader.fields else "none")
+    if scaling_type == "none":
+        return None
+    if scaling_type == "linear":
+        return {"rope_type": "linear", "factor": _meta_float(reader, factor_key)}
+    raise UnsupportedModelError(
+        f"{reader.path}: GGUF {arch}.rope.scaling.type={short(scaling_type)} is not supported; supported: none, linear")
+
+
+def _rope_freq_factors(reader: GGUFFile, arch: str, t: TensorInfo | None, head_dim: int) -> tuple[float, ...] | None:
+    """The tensor ``rope_freqs.weight`` (F32, ``[head_dim/2]``, finite positive) as a tuple, or None.
+
+    llama.cpp's converter (``LlamaModel.generate_extra_tensors``) stores ``llama3`` rope scaling
+    in it, and ggml's rope divides rotary frequency ``i`` by value ``i``; llama.cpp reads it for
+    the ``llama`` architecture only."""
+    if t is None:
+        return None
+    what = f"{reader.path}: GGUF tensor {ROPE_FREQS!r} (rope frequency factors)"
+    if arch != "llama":
+        raise UnsupportedModelError(f"{what} in a {arch} file is not supported: llama.cpp uses it for the llama "
+                                    "architecture only")
+    n = head_dim // 2
+    if t.tensor_type.name != "F32":
+        raise CheckpointError(f"{what} has GGML type {t.tensor_type.name}; F32 was expected (as llama.cpp requires)")
+    if _numpy_shape(t) != (n,):
+        raise CheckpointError(f"{what} has shape {_numpy_shape(t)}; ({n},) (head_dim/2) was expected")
+    v = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    bad = np.flatnonzero(~(np.isfinite(v) & (v > 0)))
+    if bad.size:
+        raise CheckpointError(f"{what}: {bad.size} of {n} values are not finite positive numbers (value {bad[0]} is "
+                              f"{v[bad[0]]}); each divides a rotary frequency (corrupt file?)")
+    return tuple(float(x) for x in v)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -406,6 +442,8 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
     model = abstract_model(config, dtype=dtype)
     loaded = set()
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue
         p = gguf_name_to_path(t.name, arch)
         if p is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} ({t.tensor_type.name}, "

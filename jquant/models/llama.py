@@ -84,6 +84,25 @@ def _check_rope_scaling(rs) -> None:
                               "llama3 scaling needs them to differ")
 
 
+def _check_freq_factors(factors, head_dim: int) -> tuple[float, ...]:
+    """``factors`` as ``head_dim/2`` float32 values in a tuple, or UnsupportedModelError."""
+    n = head_dim // 2
+    what = f"LlamaConfig.rope_freq_factors={short(factors)}"
+    try:
+        arr = np.asarray(factors, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UnsupportedModelError(f"{what}: must be {n} (head_dim/2) finite positive numbers") from None
+    if arr.shape != (n,):
+        raise UnsupportedModelError(f"{what}: has shape {arr.shape}; must be {n} (head_dim/2) numbers")
+    with np.errstate(over="ignore"):
+        arr = arr.astype(np.float32)
+    bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
+    if bad.size:
+        raise UnsupportedModelError(f"{what}: value {bad[0]} is {arr[bad[0]]} in float32; every factor divides a "
+                                    "rotary frequency and must be a finite positive float32 number")
+    return tuple(float(x) for x in arr)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Hyper-parameters of a Llama-family decoder. Frozen, hashable, validated on construction.
@@ -98,6 +117,12 @@ class LlamaConfig:
       rope_scaling: ``None`` or a mapping with ``rope_type`` in ``"default"``, ``"linear"``
         (``factor``), ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
         ``original_max_position_embeddings``). Stored as a ``FrozenDict`` so the config hashes.
+      rope_freq_factors: ``None`` or ``head_dim/2`` finite positive numbers, kept as a tuple of
+        float32 values (so the config hashes): rotary pair ``i`` turns at ``inv_freq[i] /
+        rope_freq_factors[i]``. This is llama.cpp's ``rope_freqs.weight`` (the ``freq_factors`` of
+        ``ggml_rope_ext``), in which its converter stores Llama 3.1+ ``llama3`` scaling. With
+        ``linear`` scaling both divide, as in llama.cpp; with ``llama3`` scaling it is refused (the
+        same rescaling would be applied twice). See :func:`rope_inv_freq`.
       max_position_embeddings: the context the model was trained for (informational; caches
         are sized by the caller).
       tie_word_embeddings: logits are ``h @ embedding.T`` and there is no ``lm_head``.
@@ -119,6 +144,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Mapping[str, Any] | None = None
+    rope_freq_factors: tuple[float, ...] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -180,6 +206,12 @@ class LlamaConfig:
                     rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
                 rs = FrozenDict({"rope_type": rope_type, **rs})
         set_("rope_scaling", rs)
+        if self.rope_freq_factors is not None:
+            set_("rope_freq_factors", _check_freq_factors(self.rope_freq_factors, self.head_dim))
+            if rs is not None and rs["rope_type"] == "llama3":
+                raise UnsupportedModelError(
+                    "LlamaConfig: rope_freq_factors together with rope_scaling of type 'llama3' is not supported "
+                    "(llama.cpp stores llama3 scaling as the factors; applying both rescales twice): give one of them")
 
     # What the shared modules ask a config (a family's config class overrides these).
     MODEL_TYPES = SUPPORTED_MODEL_TYPES
@@ -297,7 +329,17 @@ class LlamaConfig:
         return cls(**kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A Hugging Face ``config.json`` dict (``rope_theta``/``rope_scaling`` form)."""
+        """A Hugging Face ``config.json`` dict (``rope_theta``/``rope_scaling`` form).
+
+        ``rope_freq_factors`` have no ``config.json`` field: factors that are all 1 are left out,
+        others are written as the ``llama3`` ``rope_scaling`` that reproduces them (see
+        :func:`_llama3_from_freq_factors`).
+
+        Raises:
+          UnsupportedModelError: ``rope_freq_factors`` that no ``llama3`` scaling reproduces to
+            float32 precision, or that come with ``linear`` scaling (config.json would describe
+            another model).
+        """
         d: dict[str, Any] = {
             "architectures": [_HF_ARCHITECTURE[self.model_type]],
             "model_type": self.model_type,
@@ -311,7 +353,7 @@ class LlamaConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
+            "rope_scaling": _hf_rope_scaling(self),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -337,15 +379,20 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 
     ``default``: ``1 / theta**(2i/d)``; ``linear``: divided by ``factor``; ``llama3``: the
     Llama 3.1 piecewise scaling (long wavelengths divided by ``factor``, short ones kept, a
-    smooth interpolation between).
+    smooth interpolation between). ``config.rope_freq_factors`` (llama.cpp's ``rope_freqs``)
+    divide the default ones first, in float32, as ggml's rope does (``theta_i = p *
+    base**(-2i/d) / freq_factors[i]``, then times ``1/factor`` for ``linear``).
     """
-    return _rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    return _rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_freq_factors)
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_inv_freq(dim: int, theta: float, scaling: FrozenDict | None) -> np.ndarray:
+def _rope_inv_freq(dim: int, theta: float, scaling: FrozenDict | None,
+                   freq_factors: tuple[float, ...] | None = None) -> np.ndarray:
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    if freq_factors is not None:  # never with llama3 scaling (LlamaConfig refuses it)
+        inv_freq = (inv_freq / np.asarray(freq_factors, dtype=np.float32)).astype(np.float32)
     if scaling is None:
         return inv_freq
     rope_type = scaling["rope_type"]
@@ -362,6 +409,104 @@ def _rope_inv_freq(dim: int, theta: float, scaling: FrozenDict | None) -> np.nda
     smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+# Meta's Llama 3.1-3.3 values, which llama.cpp's converter also assumes when config.json lacks them.
+_META_LLAMA3 = (1.0, 4.0, 8192)
+
+
+def _hf_rope_scaling(c: LlamaConfig) -> dict[str, Any] | None:
+    """``config.json``'s ``rope_scaling`` for ``c`` (see :meth:`LlamaConfig.to_hf_dict`)."""
+    rs = None if c.rope_scaling is None else dict(c.rope_scaling)
+    if c.rope_freq_factors is None or all(f == 1.0 for f in c.rope_freq_factors):
+        return rs  # dividing by 1 is exact
+    if rs is not None:
+        raise UnsupportedModelError(
+            f"rope_freq_factors={short(c.rope_freq_factors)} with rope_scaling {short(rs)}: a Hugging Face "
+            "config.json cannot express both; export refused")
+    return _llama3_from_freq_factors(c)
+
+
+def _llama3_from_freq_factors(c: LlamaConfig) -> dict[str, Any]:
+    """The ``llama3`` ``rope_scaling`` whose inverse frequencies equal ``c``'s to float32 precision.
+
+    llama.cpp's converter turns ``llama3`` scaling into per-pair factors (1 for short wavelengths,
+    ``factor`` for long ones, ``1 / ((1 - s) / factor + s)`` between) and keeps none of its
+    parameters; they are recovered here. ``factor`` is the largest factor. Tried in turn: Meta's
+    Llama 3.1-3.3 values (``low_freq_factor`` 1, ``high_freq_factor`` 4,
+    ``original_max_position_embeddings`` 8192), then the values fitted to the factors between 1
+    and ``factor`` (at least two needed): ``s`` is linear in ``1/wavelen``, which gives both
+    boundary wavelengths; ``low_freq_factor`` is taken as 1 (only the ratios to the original
+    context matter), the rest rounded to the fewest digits that still reproduce the factors.
+    A candidate is accepted when :func:`rope_inv_freq` of it is within :func:`_llama3_rtol` of
+    ``rope_inv_freq(c)``: the float32 rounding of the formula, as transformers and llama.cpp
+    disagree for the same parameters.
+
+    Raises:
+      UnsupportedModelError: no candidate reproduces the factors.
+    """
+    ff = np.asarray(c.rope_freq_factors, dtype=np.float64)
+    inv_freq = _rope_inv_freq(c.head_dim, c.rope_theta, None)
+    want = _rope_inv_freq(c.head_dim, c.rope_theta, None, c.rope_freq_factors)
+    factor = float(np.format_float_positional(np.float32(ff.max()), unique=True))  # 7.9, not 7.900000095…
+    for low, high, old in _llama3_candidates(ff, inv_freq):
+        rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+              "original_max_position_embeddings": old}
+        got = _rope_inv_freq.__wrapped__(c.head_dim, c.rope_theta, FrozenDict(rs))
+        if np.all(np.abs(got - want) <= _llama3_rtol(inv_freq, factor, low, high, old) * want):
+            return rs
+    raise UnsupportedModelError(
+        f"rope_freq_factors={short(c.rope_freq_factors)} (head_dim={c.head_dim}, rope_theta={c.rope_theta}) are "
+        "not llama3 rope scaling for any parameters found; a Hugging Face config.json cannot express them, "
+        "so the export is refused")
+
+
+def _llama3_rtol(inv_freq: np.ndarray, factor: float, low: float, high: float, old: int) -> np.ndarray:
+    """Per-pair relative tolerance ``Float[np.ndarray, "head_dim/2"]`` between two float32
+    evaluations of the same llama3 scaling (transformers' and llama.cpp's).
+
+    The smoothing ``s = (x - low) / (high - low)``, ``x = old / wavelen``, is computed by
+    cancellation: ``x`` carries about 2 ulps of rounding (``wavelen = 2 pi / inv_freq``, then
+    ``old / wavelen``), which move ``g = (1 - s) / factor + s`` (the inverse of the factor)
+    relatively by ``2 ulps * (1 - 1/factor) * x / (high - low) / g``: up to about
+    ``2 * factor * high / (high - low)`` ulps where ``s`` is near 0. The tolerance is 4 ulps times
+    (1 + that amplification) in the interpolated pairs, 4 ulps elsewhere. (Measured on
+    converter-written factors for 400 random settings: at most a quarter of it.)
+    """
+    eps = float(np.finfo(np.float32).eps)
+    x = old * inv_freq.astype(np.float64) / (2 * math.pi)
+    medium = (x >= low) & (x <= high)
+    s = np.clip((x - low) / (high - low), 0.0, 1.0)
+    g = (1 - s) / factor + s
+    return 4 * eps * (1 + np.where(medium, (1 - 1 / factor) * 2 * x / ((high - low) * g), 0.0))
+
+
+def _llama3_candidates(ff: np.ndarray, inv_freq: np.ndarray):
+    """``(low_freq_factor, high_freq_factor, original_max_position_embeddings)`` to try for the
+    factors ``ff`` of the unscaled ``inv_freq`` (see :func:`_llama3_from_freq_factors`)."""
+    yield _META_LLAMA3
+    factor = ff.max()
+    mid = (ff > 1) & (ff < factor)
+    if mid.sum() < 2:
+        return
+    s = (1 / ff[mid] - 1 / factor) / (1 - 1 / factor)  # 1/ff = (1 - s)/factor + s
+    u = inv_freq[mid].astype(np.float64) / (2 * math.pi)  # 1/wavelen
+    alpha, beta = np.polyfit(u, s, 1)  # s = (u - 1/low_wavelen) / (1/high_wavelen - 1/low_wavelen)
+    if not alpha > 0:
+        return
+    u_low = -beta / alpha
+    u_high = u_low + 1 / alpha
+    if not 0 < u_low < u_high:
+        return
+    old = round(1 / u_low)  # low_freq_factor = old / low_wavelen ~ 1
+    if old < 1:
+        return
+    seen = set()
+    for digits in range(1, 10):
+        cand = (float(f"{old * u_low:.{digits}g}"), float(f"{old * u_high:.{digits}g}"), old)
+        if cand not in seen and cand[0] < cand[1]:
+            seen.add(cand)
+            yield cand
 
 
 def rope_cos_sin(positions: Array, config: LlamaConfig, dtype) -> tuple[Array, Array]:

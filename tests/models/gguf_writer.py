@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -19,18 +20,63 @@ _HF_TO_GGUF = {
 }
 
 
+def llama_cpp_rope_freqs(hparams: dict):
+    """llama.cpp ``convert_hf_to_gguf.py`` ``LlamaModel.generate_extra_tensors``: the F32
+    ``rope_freqs.weight`` of a ``llama3``-scaled model, or ``None`` for another rope type.
+
+    ``hparams`` is the model's ``config.json`` dict. As in the converter, the arithmetic is on
+    torch float32 scalars, the rope parameters come from ``rope_parameters`` (or
+    ``rope_scaling``) with its defaults, and ``original_max_position_embeddings`` from the *top
+    level* of ``hparams`` (default 8192), not from the rope parameters.
+    """
+    import torch
+
+    rope_params = dict(hparams.get("rope_parameters") or hparams.get("rope_scaling") or {})
+    rope_params.setdefault("rope_theta", hparams.get("rope_theta"))
+    if rope_params.get("rope_type", rope_params.get("type", "")).lower() != "llama3":
+        return None
+    base = rope_params.get("rope_theta", 10000.0)
+    if (dim := hparams.get("head_dim")) is None:
+        dim = hparams["hidden_size"] // hparams["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope_params.get("factor", 8.0)
+    low_freq_factor = rope_params.get("low_freq_factor", 1.0)
+    high_freq_factor = rope_params.get("high_freq_factor", 4.0)
+    old_context_len = hparams.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32).numpy()
+
+
 def write_gguf(path, tmodel, *, arch: str = "llama", qtype: str = "F32", extra_tensors=None,
-               replace=None, meta=None) -> None:
+               replace=None, meta=None, rope_freqs: bool = False) -> None:
     """Write ``tmodel`` (a tiny ``LlamaForCausalLM``/``Qwen2ForCausalLM``) as GGUF.
 
     ``qtype``: storage of the 2-D linear weights (``F32``, ``F16``, ``Q4_1``, ``Q8_0``); norms
     and biases stay F32, the embedding follows ``qtype``. ``replace`` maps GGUF names to arrays
     written as they are (e.g. an int32 tensor); ``extra_tensors`` are added at the end.
     ``meta`` maps metadata keys to ``(value, GGUFValueType[, sub_type])`` written instead of the
-    usual value, or to ``None`` to leave the key out.
+    usual value, or to ``None`` to leave the key out. ``rope_freqs``: add ``rope_freqs.weight``
+    as llama.cpp's converter does for a ``llama3``-scaled model (:func:`llama_cpp_rope_freqs`,
+    which also needs ``original_max_position_embeddings`` at the top level of the config).
     """
     cfg = tmodel.config
     sd = {k: v.detach().float().numpy() for k, v in tmodel.state_dict().items()}
+    if rope_freqs:
+        factors = llama_cpp_rope_freqs(cfg.to_dict())
+        if factors is None:
+            raise ValueError(f"rope_freqs=True needs llama3 rope scaling, not {cfg.rope_parameters}")
+        extra_tensors = {"rope_freqs.weight": factors, **(extra_tensors or {})}
     write_gguf_state(path, sd, dict(
         layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import VOCAB, tiny_hf_model, torch_logits
+from flax import nnx
 from gguf_writer import llama_cpp_permute, write_gguf
 
 from jquant.errors import CheckpointError, UnsupportedModelError
-from jquant.models import (default_model_path, generate, gguf_name_to_path, gguf_q4_1_blocks, load, load_gguf,
-                           read_gguf_tensor, unpermute_qk)
+from jquant.models import (abstract_model, config_from_gguf, default_model_path, generate, gguf_name_to_path,
+                           gguf_q4_1_blocks, load, load_gguf, read_gguf_tensor, rope_inv_freq, save_hf, unpermute_qk)
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
@@ -111,13 +114,110 @@ def test_bad_gguf_files(tmp_path):
         load_gguf(tmp_path / "cut.gguf", tokenizer=False)
     with pytest.raises(CheckpointError, match="not found"):
         load_gguf(tmp_path / "absent.gguf", tokenizer=False)
-    write_gguf(tmp_path / "x.gguf", tmodel, extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
-        load_gguf(tmp_path / "x.gguf", tokenizer=False)
     with pytest.raises(CheckpointError, match="no tensor 'nope'"):
         read_gguf_tensor(tmp_path / "m.gguf", "nope")
     with pytest.raises(CheckpointError, match="is F32, not Q4_1"):
         gguf_q4_1_blocks(tmp_path / "m.gguf", "blk.0.attn_q.weight")
+
+
+# -- Llama 3.x: rope_freqs.weight (llama3 rope scaling as llama.cpp stores it) -------------
+
+# head_dim 16, rope_theta 1e4: the wavelengths 2*pi*1e4**(i/8) are 6.3, 19.9, 62.8, 199, ... so with an
+# original context of 64 (low/high wavelengths 64 and 16) pair 0 keeps its frequency, pairs 1 and 2
+# are interpolated and pairs 3-7 are divided by 8.
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+SEQ = 96  # longer than the original context
+
+
+def _llama3_model():
+    tmodel = tiny_hf_model(rope_scaling=dict(LLAMA3))  # a copy: transformers adds rope_theta to it
+    # config.json also states it at the top level, where llama.cpp's converter reads it (default 8192)
+    tmodel.config.original_max_position_embeddings = LLAMA3["original_max_position_embeddings"]
+    return tmodel
+
+
+def _rel_err(out, ref) -> float:
+    return float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+
+
+def _with_config(model, config):
+    """``model``'s parameters under another config (the config is static, in the graph)."""
+    _, state = nnx.split(model)
+    return nnx.merge(nnx.graphdef(abstract_model(config)), state)
+
+
+def test_rope_freqs_gguf_matches_transformers_llama3(tmp_path):
+    tmodel = _llama3_model()
+    write_gguf(tmp_path / "m.gguf", tmodel, rope_freqs=True)
+    factors, ttype, shape = read_gguf_tensor(tmp_path / "m.gguf", "rope_freqs.weight")
+    assert ttype.name == "F32" and shape == (8,)
+    assert factors[0] == 1 and 1 < factors[1] < factors[2] < 8 and (factors[3:] == 8).all()  # all three regimes
+    model, config, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
+    assert config.rope_scaling is None and config.rope_freq_factors == tuple(factors.tolist())
+    hf_inv = tmodel.model.rotary_emb.inv_freq.numpy()
+    np.testing.assert_allclose(rope_inv_freq(config), hf_inv, rtol=3e-7, atol=0)
+    toks = _tokens(seq=SEQ)
+    ref = torch_logits(tmodel, toks)
+    assert np.abs(ref).max() > 1.0
+    err = _rel_err(model(jnp.asarray(toks))[0], ref)
+    plain = _with_config(model, dataclasses.replace(config, rope_freq_factors=None))
+    err_plain = _rel_err(plain(jnp.asarray(toks))[0], ref)
+    print(f"llama3 GGUF vs transformers: rel err {err:.2e} with rope_freqs, {err_plain:.2e} without")
+    assert err < 1e-4, err
+    assert err_plain > 1e-2, err_plain  # the factors matter: without them the model is another one
+
+
+def test_rope_freqs_gguf_exports_llama3_config(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tmodel = _llama3_model()
+    write_gguf(tmp_path / "m.gguf", tmodel, rope_freqs=True)
+    model, config, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
+    save_hf(model, config, tmp_path / "hf")
+    rs = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]
+    assert rs == LLAMA3
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    toks = _tokens(seq=SEQ)
+    assert _rel_err(torch_logits(back, toks), torch_logits(tmodel, toks)) < 1e-4
+
+
+@pytest.mark.parametrize("factors, match", [
+    (np.ones(7, np.float32), r"has shape \(7,\); \(8,\) \(head_dim/2\) was expected"),
+    (np.ones((2, 8), np.float32), r"has shape \(2, 8\)"),
+    (np.array([1, 2, np.nan, 8, 8, 8, 8, 8], np.float32), r"1 of 8 values are not finite positive.*value 2 is nan"),
+    (np.array([1, 2, 4, 8, 8, 8, 8, -8], np.float32), r"value 7 is -8.0"),
+    (np.ones(8, np.int32), r"has GGML type I32; F32 was expected"),
+    (np.ones(8, np.float16), r"has GGML type F16; F32 was expected"),
+], ids=["length", "2d", "nan", "negative", "i32", "f16"])
+def test_bad_rope_freqs(tmp_path, factors, match):
+    write_gguf(tmp_path / "m.gguf", tiny_hf_model(), extra_tensors={"rope_freqs.weight": factors})
+    for load_ in (config_from_gguf, lambda f: load_gguf(f, tokenizer=False)):
+        with pytest.raises(CheckpointError, match=r"m.gguf: GGUF tensor 'rope_freqs.weight' .*" + match):
+            load_(tmp_path / "m.gguf")
+
+
+def test_rope_freqs_only_for_llama_architecture(tmp_path):
+    write_gguf(tmp_path / "m.gguf", tiny_hf_model(kind="qwen2"), arch="qwen2",
+               extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(UnsupportedModelError, match="'rope_freqs.weight'.*in a qwen2 file is not supported"):
+        config_from_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("meta, linear", [
+    ({"llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32)}, True),  # no type: llama.cpp reads "linear"
+    ({"llama.rope.scaling.type": ("linear", gguf.GGUFValueType.STRING),
+      "llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32)}, True),
+    ({"llama.rope.scaling.type": ("none", gguf.GGUFValueType.STRING),
+      "llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32)}, False),  # "none" never scales
+], ids=["factor-only", "linear", "none"])
+def test_gguf_rope_scaling_metadata_as_llama_cpp_reads_it(tmp_path, meta, linear):
+    tmodel = tiny_hf_model(rope_scaling={"rope_type": "linear", "factor": 4.0} if linear else None)
+    write_gguf(tmp_path / "m.gguf", tmodel, meta=meta)
+    model, config, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
+    assert config.rope_scaling == ({"rope_type": "linear", "factor": 4.0} if linear else None)
+    toks = _tokens(seq=SEQ)
+    assert _rel_err(model(jnp.asarray(toks))[0], torch_logits(tmodel, toks)) < 1e-4
 
 
 # -- the real default model ----------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import VOCAB, tiny_hf_model, torch_logits
 from flax import nnx
+from gguf_writer import llama_cpp_rope_freqs
 
 from jquant.errors import CheckpointError, UnsupportedModelError
 from jquant.models import LlamaConfig, forward, generate, load, load_hf, rope_inv_freq, save_hf
@@ -260,8 +261,10 @@ def test_save_hf_round_trip(save_tiny, tmp_path):
 
 # -- rotary frequencies: an independent float64 reference ------------------------------------
 
-def _inv_freq_f64(dim, theta, scaling):
+def _inv_freq_f64(dim, theta, scaling, factors=None):
     inv = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    if factors is not None:  # llama.cpp's rope_freqs: ggml's rope divides by them, then applies linear scaling
+        inv = inv / np.asarray(factors, np.float64)
     if scaling is None:
         return inv
     if scaling["rope_type"] == "linear":
@@ -288,6 +291,62 @@ def test_rope_inv_freq_reference(scaling):
     got = rope_inv_freq(cfg)
     assert got.dtype == np.float32 and got.shape == (32,)
     np.testing.assert_allclose(got, _inv_freq_f64(64, 500000.0, scaling), rtol=2e-6, atol=0)
+
+
+# -- rope_freq_factors (llama.cpp's rope_freqs tensor) and their export as llama3 scaling -----
+
+def _config(**kw):
+    """head_dim 128, rope_theta 5e5: Llama 3.1/3.2's rotary settings."""
+    return LlamaConfig(**dict(dict(vocab_size=8, hidden_size=256, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2, rope_theta=500000.0, max_position_embeddings=131072), **kw))
+
+
+def _l3(factor, low, high, ctx):
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": ctx}
+
+
+@pytest.mark.parametrize("rs", [_l3(8.0, 1.0, 4.0, 8192), _l3(32.0, 1.0, 4.0, 8192), _l3(16.0, 2.0, 8.0, 4096),
+                                _l3(4.0, 1.0, 3.0, 1000)], ids=["llama3.1", "llama3.2", "low2", "odd"])
+def test_rope_freq_factors_export_as_llama3(rs):
+    hparams = dict(hidden_size=256, num_attention_heads=2, rope_parameters=dict(rs, rope_theta=500000.0))
+    if rs["original_max_position_embeddings"] != 8192:  # Meta's config.json lacks it; the converter assumes 8192
+        hparams["original_max_position_embeddings"] = rs["original_max_position_embeddings"]
+    factors = llama_cpp_rope_freqs(hparams)
+    assert (factors > 1).any() and (factors == 1).any()
+    config = _config(rope_freq_factors=factors)
+    want = _inv_freq_f64(128, 500000.0, rs)
+    np.testing.assert_allclose(rope_inv_freq(config), want, rtol=1e-6, atol=0)
+    exported = config.to_hf_dict()["rope_scaling"]
+    if rs["low_freq_factor"] == 1.0:
+        assert exported == rs  # the parameters themselves
+    else:  # equivalent ones: only the wavelengths old/low and old/high matter
+        assert exported == _l3(16.0, 1.0, 4.0, 2048)
+    back = LlamaConfig.from_hf_dict(config.to_hf_dict())
+    assert back.rope_freq_factors is None
+    np.testing.assert_allclose(rope_inv_freq(back), want, rtol=1e-6, atol=0)
+
+
+def test_rope_freq_factors_config():
+    ones, ramp = (1.0,) * 64, tuple(np.linspace(1.0, 3.0, 64).astype(np.float32).tolist())
+    linear = {"rope_type": "linear", "factor": 2.0}  # not LINEAR: transformers adds rope_theta to the dicts it gets
+    assert _config(rope_freq_factors=ones).to_hf_dict()["rope_scaling"] is None
+    assert _config(rope_freq_factors=ones, rope_scaling=linear).to_hf_dict()["rope_scaling"] == linear
+    cfg = _config(rope_freq_factors=ramp, rope_scaling=linear)  # llama.cpp applies both
+    np.testing.assert_allclose(rope_inv_freq(cfg), _inv_freq_f64(128, 500000.0, linear, ramp), rtol=1e-6, atol=0)
+    assert cfg == _config(rope_freq_factors=list(ramp), rope_scaling=linear) and hash(cfg) == hash(
+        _config(rope_freq_factors=np.asarray(ramp), rope_scaling=linear))
+    with pytest.raises(UnsupportedModelError, match="cannot express both"):
+        cfg.to_hf_dict()
+    with pytest.raises(UnsupportedModelError, match=r"are not llama3 rope scaling.*export is refused"):
+        _config(rope_freq_factors=ramp).to_hf_dict()
+    with pytest.raises(UnsupportedModelError, match="together with rope_scaling of type 'llama3'"):
+        _config(rope_freq_factors=ramp, rope_scaling=_l3(8.0, 1.0, 4.0, 8192))
+    for bad, match in [((1.0,) * 63, r"shape \(63,\); must be 64"), ((1.0,) * 63 + (0.0,), "value 63 is 0.0"),
+                       ((float("nan"),) + (1.0,) * 63, "value 0 is nan"), ((1e39,) * 64, "value 0 is inf"),
+                       (("x",) * 64, "finite positive numbers")]:
+        with pytest.raises(UnsupportedModelError, match=r"rope_freq_factors=.*" + match):
+            _config(rope_freq_factors=bad)
 
 
 # -- config parsing ------------------------------------------------------------------------
