@@ -432,13 +432,15 @@ def _check_data_driven_leaves(state, compiled) -> None:
 
 
 def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_size: int = 128,
-                          temperature: float = 1.0, first_id: int = 0, progress: bool = False) -> np.ndarray:
+                          temperature: float = 1.0, first_id: int = 0, bos: int | None = None,
+                          progress: bool = False) -> np.ndarray:
     """``n`` windows of text the float model writes itself, ``(n, seq_len)`` int32.
 
     Each window starts from one token drawn uniformly from ``[first_id, vocab)`` (pass the
     number of special tokens so none starts a window) and continues by sampling at
     ``temperature``: text from the model's own distribution, not from one domain, in the
     spirit of LLM-QAT's data-free calibration (arXiv:2305.17888). Deterministic given ``seed``.
+    With ``bos``, each window starts with it, then the random token.
     """
     from jquant.models import generate
 
@@ -455,7 +457,10 @@ def self_generated_tokens(model, *, n: int, seq_len: int, seed: int = 0, batch_s
     for b in range(0, n, batch_size):
         m = min(batch_size, n - b)
         prompt = rng.integers(first_id, vocab, size=(m, 1)).astype(np.int32)
-        toks = generate(model, prompt, seq_len - 1, key=jax.random.key(seed * 100003 + b), temperature=temperature)
+        if bos is not None:
+            prompt = np.concatenate([np.full((m, 1), bos, np.int32), prompt], axis=1)
+        toks = generate(model, prompt, seq_len - prompt.shape[1], key=jax.random.key(seed * 100003 + b),
+                        temperature=temperature)
         out.append(np.asarray(toks, np.int32))
         if bar is not None:
             bar.update(m)
@@ -470,7 +475,9 @@ def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len:
 
     ``text="selfgen"`` has the float ``model`` write them (:func:`self_generated_tokens`);
     ``"a+b+…"`` mixes sources, ``n`` split evenly (the first ones take the remainder). For
-    ``pydoc`` only the calibration part is used; its tail is held out for evaluation.
+    ``pydoc`` only the calibration part is used; its tail is held out for evaluation. When the
+    tokenizer puts ``<bos>`` before a text (:func:`jquant.data.bos_token`: Gemma, Llama), every
+    window starts with it, as every text the model was trained on did.
     """
     from jquant import data
 
@@ -485,9 +492,10 @@ def calibration_tokens(tokenizer, *, text: str = "pydoc", n: int = 128, seq_len:
             raise DataError("'selfgen' calibration needs the model to generate from")
         special = [int(i) for i in getattr(tokenizer, "all_special_ids", []) or []]
         first = max(special) + 1 if special and max(special) < 1000 else 0
-        return self_generated_tokens(model, n=n, seq_len=seq_len, seed=seed, first_id=first, progress=progress)
+        return self_generated_tokens(model, n=n, seq_len=seq_len, seed=seed, first_id=first,
+                                     bos=data.bos_token(tokenizer), progress=progress)
     src = data.load_text(text)
     if text == "pydoc":
         src = data.split_text(src)[0]  # the tail is held out for evaluation
     toks = data.tokenize(tokenizer, src, vocab_size)
-    return data.calibration_windows(toks, n, seq_len, seed)
+    return data.calibration_windows(toks, n, seq_len, seed, bos=data.bos_token(tokenizer))

@@ -247,14 +247,15 @@ def cmd_eval(args) -> int:
     # The float model's last hidden states on these windows are cached (keyed by the model
     # files, the dtype, the model code and the windows): a later evaluation of another recipe
     # runs only the float head.
-    windows = data.eval_windows(tokens, args.seq_len, args.max_windows)
+    bos = data.bos_token(tok)  # Gemma, Llama: every window starts with <bos>, as llama.cpp's perplexity
+    windows = data.eval_windows(tokens, args.seq_len, args.max_windows, bos)
     hidden = evaluate.reference_hidden(Partial(lambda st, t: nnx.merge(graphdef, st).hidden(t), state), tokens,
                                        seq_len=args.seq_len, batch_size=args.batch_size,
                                        max_windows=args.max_windows, progress=not args.quiet,
-                                       cache=_reference_cache(manifest, windows))
+                                       cache=_reference_cache(manifest, windows), bos=bos)
     ref = evaluate.CachedReference(hidden, Partial(lambda st, h: nnx.merge(graphdef, st).head(h), state))
     cmp = evaluate.compare(ref, q_fn, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                           max_windows=args.max_windows, progress=not args.quiet)
+                           max_windows=args.max_windows, progress=not args.quiet, bos=bos)
     jax.effects_barrier()
     t_eval = time.perf_counter() - t0
     recipe = manifest["recipe"]["name"]
@@ -274,6 +275,7 @@ def cmd_eval(args) -> int:
     print(f"checkpoint on disk: {mb(manifest['checkpoint_bytes_on_disk']):.1f} MiB "
           f"({out}/params); perplexity ratio {cmp.quant.ppl / cmp.ref.ppl:.4f}")
     result = {"text": source, "seq_len": args.seq_len, "windows": cmp.ref.windows, "tokens": cmp.ref.tokens,
+              "bos": bos,
               "float_ppl": cmp.ref.ppl, "quant_ppl": cmp.quant.ppl, "kl": cmp.agreement.kl,
               "top1": cmp.agreement.top1, "eval_seconds": t_eval, "manifest": manifest}
     write_json(os.path.join(out, f"eval_{_source_name(source)}.json"), result)

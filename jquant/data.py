@@ -136,22 +136,46 @@ def tokenize(tokenizer, text: str, vocab_size: int | None = None) -> np.ndarray:
     return ids
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping windows ``(n, seq_len)`` covering the token stream from its start."""
+def bos_token(tokenizer) -> int | None:
+    """The id a tokenizer puts before every text it encodes with special tokens (Gemma's and
+    Llama's ``<bos>``), or ``None`` when it adds none (SmolLM2, Qwen2)."""
+    if not callable(tokenizer) or getattr(tokenizer, "bos_token_id", None) is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = int(tokenizer.bos_token_id)
+    return bos if with_special and with_special[0] == bos and (not without or without[0] != bos) else None
+
+
+def _with_bos(windows: np.ndarray, bos: int | None) -> np.ndarray:
+    """Each window's first token replaced by ``bos`` (llama.cpp's ``perplexity`` does the same):
+    a model trained with ``<bos>`` before every text sees one at each window start. The first
+    token is never scored, so the scored tokens stay the same."""
+    if bos is None:
+        return windows
+    windows = np.array(windows)
+    windows[:, 0] = bos
+    return windows
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None, bos: int | None = None) -> np.ndarray:
+    """Non-overlapping windows ``(n, seq_len)`` covering the token stream from its start; with
+    ``bos``, each window starts with it (:func:`bos_token`) in place of its first token."""
     n = len(tokens) // seq_len
     if n == 0:
         raise DataError(f"text of {len(tokens)} tokens is shorter than one window of {seq_len}")
     if max_windows is not None:
         n = min(n, max_windows)
-    return np.asarray(tokens[: n * seq_len]).reshape(n, seq_len)
+    return _with_bos(np.asarray(tokens[: n * seq_len]).reshape(n, seq_len), bos)
 
 
-def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0) -> np.ndarray:
-    """``n`` windows of ``seq_len`` tokens at random (seeded) non-overlapping offsets."""
+def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0, bos: int | None = None) -> np.ndarray:
+    """``n`` windows of ``seq_len`` tokens at random (seeded) non-overlapping offsets (with
+    ``bos``: starting with it, as :func:`eval_windows`)."""
     slots = len(tokens) // seq_len
     if slots < n:
         raise DataError(f"calibration text of {len(tokens)} tokens holds only {slots} windows of {seq_len}, "
                         f"{n} requested; use fewer or shorter windows or a longer text")
     rng = np.random.default_rng(seed)
     starts = np.sort(rng.choice(slots, size=n, replace=False)) * seq_len
-    return np.stack([tokens[s: s + seq_len] for s in starts]).astype(np.int32)
+    return _with_bos(np.stack([tokens[s: s + seq_len] for s in starts]).astype(np.int32), bos)

@@ -8,6 +8,9 @@
   float model's: mean ``KL(p_float ‖ p_quant)`` per token, and top-1 agreement.
 
 Both take ``logits_fn(tokens: int32[B, T]) -> float[B, T, V]``, so they serve any model.
+With ``bos`` (:func:`jquant.data.bos_token`), every window starts with that token in place of
+its first (never scored) one, as llama.cpp's ``perplexity`` does: Gemma, trained with
+``<bos>`` before every text, more than doubles its perplexity without it.
 Pass a model's parameters as the bound arguments of a ``jax.tree_util.Partial``
 (``Partial(f, params)``): they then reach the jitted evaluation as arguments. A plain
 closure over large arrays makes XLA embed them in the compiled program as constants (slow
@@ -75,9 +78,10 @@ def token_nll(logits, tokens):
 
 
 def perplexity(logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512, batch_size: int = 8,
-               max_windows: int | None = None, progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
+               max_windows: int | None = None, progress: bool = False, desc: str = "perplexity",
+               bos: int | None = None) -> PerplexityResult:
     """Perplexity of ``logits_fn`` on a token stream (see module doc)."""
-    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows, bos)
 
     @jax.jit
     def nll_sum(fn, batch, mask):
@@ -109,9 +113,10 @@ class AgreementResult:
 
 
 def agreement(ref_logits_fn: Callable, logits_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512,
-              batch_size: int = 8, max_windows: int | None = None, progress: bool = False) -> AgreementResult:
+              batch_size: int = 8, max_windows: int | None = None, progress: bool = False,
+              bos: int | None = None) -> AgreementResult:
     """Mean ``KL(p_ref ‖ p)`` and top-1 agreement of two models' next-token distributions."""
-    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows, bos)
 
     @jax.jit
     def stats(fr, fq, batch, mask):
@@ -154,14 +159,14 @@ class CachedReference:
 
 def reference_hidden(hidden_fn: Callable, tokens: np.ndarray, *, seq_len: int = 512, batch_size: int = 8,
                      max_windows: int | None = None, cache: str | None = None,
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, bos: int | None = None) -> np.ndarray:
     """``hidden_fn`` (``int32 (B, T) -> (B, T, hidden)``) on every evaluation window of
     ``tokens``, ``(windows, seq_len, hidden)``; kept in the ``.npy`` file ``cache`` when given
     (read back if it exists and has the windows' shape; written atomically). The caller
     keys the file name by the model, its dtype and the windows."""
     from jquant._atomic import write_npy
 
-    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows, bos)
     if cache is not None and os.path.isfile(cache):
         try:
             h = np.load(cache, mmap_mode="r")
@@ -201,13 +206,13 @@ class Comparison:
 
 def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, tokens: np.ndarray, *,
             seq_len: int = 512, batch_size: int = 8, max_windows: int | None = None,
-            progress: bool = False) -> Comparison:
+            progress: bool = False, bos: int | None = None) -> Comparison:
     """Perplexity of both models and their agreement, each batch run through both once.
 
     ``ref_logits_fn`` may be a :class:`CachedReference` of the same windows: the reference
     logits then come from its hidden states through its head.
     """
-    windows = eval_windows(np.asarray(tokens), seq_len, max_windows)
+    windows = eval_windows(np.asarray(tokens), seq_len, max_windows, bos)
     cached = isinstance(ref_logits_fn, CachedReference)
     fr, fq = _partial(ref_logits_fn.head if cached else ref_logits_fn), _partial(logits_fn)
     if cached and ref_logits_fn.hidden.shape[:2] != windows.shape:

@@ -51,6 +51,39 @@ def test_perplexity_matches_reference(stream, table, batch_size):
     np.testing.assert_allclose(res.ppl, math.exp(nll), rtol=1e-5)
 
 
+def test_bos_replaces_the_first_token_of_each_window(stream, table):
+    """With ``bos`` every window (evaluation and calibration) starts with it; the scored
+    tokens (all but the first of each window) are the stream's, so the NLL is the reference's
+    on the windows with their first token replaced."""
+    seq = 64
+    res = evaluate.perplexity(bigram_fn(table), stream, seq_len=seq, bos=3)
+    windows = stream[: (len(stream) // seq) * seq].reshape(-1, seq).copy()
+    plain, _ = nll_reference(table, windows)
+    windows[:, 0] = 3
+    nll, count = nll_reference(table, windows)
+    assert res.tokens == count and abs(nll - plain) > 1e-4
+    np.testing.assert_allclose(res.nll, nll, rtol=1e-5)
+    w = data.eval_windows(stream, seq, bos=3)
+    assert (w[:, 0] == 3).all() and (w[:, 1:] == windows[:, 1:]).all()
+    c = data.calibration_windows(stream, 5, seq, seed=1, bos=3)
+    assert (c[:, 0] == 3).all() and (c[:, 1:] == data.calibration_windows(stream, 5, seq, seed=1)[:, 1:]).all()
+
+
+def test_bos_token_of_real_tokenizers():
+    """SmolLM2's tokenizer adds no <bos>; a tokenizer that does is detected."""
+    from jquant.models import load_gguf_tokenizer
+
+    assert data.bos_token(load_gguf_tokenizer()) is None
+
+    class Tok:
+        bos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([2] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    assert data.bos_token(Tok()) == 2 and data.bos_token(None) is None
+
+
 def test_perplexity_max_windows(stream, table):
     res = evaluate.perplexity(bigram_fn(table), stream, seq_len=100, max_windows=4)
     nll, _ = nll_reference(table, stream[:400].reshape(4, 100))
