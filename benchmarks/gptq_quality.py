@@ -10,6 +10,7 @@ construction). Results go to ``benchmarks/results/gptq_quality.json``. A finishe
 table and the JSON hold every finished row under ``--out``, whatever ``--only`` ran.
 
     python benchmarks/gptq_quality.py [--out DIR] [--only w4_ao_static,rtn_w4] [--windows 32]
+    python benchmarks/gptq_quality.py --model gemma3-270m --only rtn_w4,w4,w4_ao   # the second real model
 
 One row costs about 3 min of calibration and 2.5 min of evaluation on a 2-core CPU.
 """
@@ -58,19 +59,25 @@ VARIANTS = {
 }
 
 
-def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_tokens: int = 600) -> None:
+def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_tokens: int = 600,
+                       model_name: str | None = None) -> None:
     """The calibration text: sequences the float model samples (temperature 1) from random first
-    tokens past the special ones, decoded. Deterministic: the same file on every run."""
+    tokens past the special ones (after <bos> where the tokenizer puts one), decoded.
+    Deterministic: the same file on every run."""
     import jax
     import numpy as np
 
+    from jquant import data
     from jquant.models import generate, load
 
-    model, cfg, tok = load()
+    model, cfg, tok = load(model_name)
+    bos = data.bos_token(tok)
     rng = np.random.default_rng(0)
     texts = []
     for b in range(n_batches):
         prompt = rng.integers(100, cfg.vocab_size, size=(batch, 1)).astype(np.int32)
+        if bos is not None:
+            prompt = np.concatenate([np.full((batch, 1), bos, np.int32), prompt], axis=1)
         out = np.asarray(generate(model, prompt, new_tokens, key=jax.random.key(b), temperature=1.0))
         texts.extend(tok.decode(row.tolist(), skip_special_tokens=True) for row in out)
     tmp = path + ".tmp"
@@ -89,12 +96,17 @@ def _recipe_yaml(name: str, spec: dict, text: str, windows: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/gptq_quality", help="one folder per row, and selfgen.txt")
+    ap.add_argument("--model", default=None, help="what `jquant quantize --model` takes (default: SmolLM2-135M)")
+    ap.add_argument("--out", default=None, help="one folder per row, and selfgen.txt (default: "
+                                                "out/gptq_quality[_MODEL])")
     ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens")
     ap.add_argument("--eval-windows", type=int, default=32)
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "gptq_quality.json"))
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/gptq_quality[_MODEL].json")
     args = ap.parse_args()
+    suffix = "" if args.model is None else "_" + os.path.basename(args.model).split(".")[0].replace("-", "_")
+    args.out = args.out or f"out/gptq_quality{suffix}"
+    args.json = args.json or os.path.join(os.path.dirname(__file__), "results", f"gptq_quality{suffix}.json")
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
     if unknown:
@@ -103,7 +115,7 @@ def main() -> int:
     text = os.path.abspath(os.path.join(args.out, "selfgen.txt"))
     if not os.path.isfile(text) and any(VARIANTS[n][2].get("method") == "gptq" for n in names):
         print(f"writing the calibration text {text}", flush=True)
-        write_selfgen_text(text)
+        write_selfgen_text(text, model_name=args.model)
     jq = [sys.executable, "-m", "jquant.cli"]
     for name in names:
         setting, label, spec = VARIANTS[name]
@@ -115,7 +127,9 @@ def main() -> int:
             with open(recipe, "w") as fh:
                 fh.write(_recipe_yaml(name, spec, text, args.windows))
             print(f"{name}: quantize", flush=True)
-            subprocess.run(jq + ["quantize", "--recipe", recipe, "--out", d, "--overwrite", "--quiet"], check=True)
+            model = [] if args.model is None else ["--model", args.model]
+            subprocess.run(jq + ["quantize", *model, "--recipe", recipe, "--out", d, "--overwrite", "--quiet"],
+                           check=True)
             print(f"{name}: eval", flush=True)
             subprocess.run(jq + ["eval", d, "--max-windows", str(args.eval_windows), "--quiet"], check=True)
     # The table: every row finished under --out, whether run now or before (--only picks what runs).
@@ -145,7 +159,8 @@ def main() -> int:
               f"{r['bits_per_weight_linears']:>7.3f} {'' if rec is None else f'{100 * rec:.0f}%':>8}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"calibration_windows": args.windows, "eval_windows": args.eval_windows, "rows": rows}, fh, indent=1)
+        json.dump({"model": args.model or "smollm2-135m", "calibration_windows": args.windows,
+                   "eval_windows": args.eval_windows, "rows": rows}, fh, indent=1)
     return 0
 
 

