@@ -179,18 +179,22 @@ def test_all_zero_hessian_is_a_failed_calibration():
 def test_calibration_stages_compose_to_the_block(tiny):
     """The stages run every part of the block once and give the block's output and the
     inputs forward_with_inputs captures, bit for bit."""
-    model, toks = tiny
-    block = model.layers[1]
+    _check_stages(*tiny)
+
+
+def _check_stages(model, toks):
     h = model.embed(jnp.asarray(toks[:4]))
-    out, inputs = block.forward_with_inputs(h)
-    carry = {"h": h}
-    for k, (names, _) in enumerate(block.LINEAR_GROUPS):
-        carry, x = block.calibration_stage(k, carry)
-        for n in names:
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(inputs[n]), err_msg=n)
-    carry, x = block.calibration_stage(len(block.LINEAR_GROUPS), carry)
-    assert x is None and set(carry) == {"h"}
-    np.testing.assert_array_equal(np.asarray(carry["h"]), np.asarray(out))
+    for block in model.layers:
+        out, inputs = block.forward_with_inputs(h)
+        carry = {"h": h}
+        for k, (names, _) in enumerate(block.LINEAR_GROUPS):
+            carry, x = block.calibration_stage(k, carry)
+            for n in names:
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(inputs[n]), err_msg=n)
+        carry, x = block.calibration_stage(len(block.LINEAR_GROUPS), carry)
+        assert x is None and set(carry) == {"h"}
+        np.testing.assert_array_equal(np.asarray(carry["h"]), np.asarray(out))
+        h = out
 
 
 def test_timings_by_phase(tiny):
@@ -255,18 +259,7 @@ def tiny_gemma():
 
 
 def test_gemma3_calibration_stages_compose_to_each_block(tiny_gemma):
-    model, toks = tiny_gemma
-    h = model.embed(jnp.asarray(toks[:4]))
-    for block in model.layers:
-        out, inputs = block.forward_with_inputs(h)
-        carry = {"h": h}
-        for k, (names, _) in enumerate(block.LINEAR_GROUPS):
-            carry, x = block.calibration_stage(k, carry)
-            for n in names:
-                np.testing.assert_array_equal(np.asarray(x), np.asarray(inputs[n]), err_msg=n)
-        carry, _ = block.calibration_stage(len(block.LINEAR_GROUPS), carry)
-        np.testing.assert_array_equal(np.asarray(carry["h"]), np.asarray(out))
-        h = out
+    _check_stages(*tiny_gemma)
 
 
 def test_gemma3_pipeline_runs_each_block_as_its_kind(tiny_gemma):

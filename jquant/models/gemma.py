@@ -70,6 +70,7 @@ class Gemma3Config(LlamaConfig):
     """
 
     MODEL_TYPES = GEMMA3_MODEL_TYPES
+    HF_ARCHITECTURE = "Gemma3ForCausalLM"
     hidden_act = "gelu_pytorch_tanh"
     norm_unit_offset = True
     qk_norm = True
@@ -214,34 +215,14 @@ class Gemma3Config(LlamaConfig):
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A Hugging Face ``gemma3_text`` ``config.json`` dict."""
-        q = self.query_pre_attn_scalar
-        return {
-            "architectures": ["Gemma3ForCausalLM"],
-            "model_type": "gemma3_text",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_local_base_freq": self.rope_local_base_freq,
-            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "sliding_window": self.sliding_window,
-            "layer_types": list(self.layer_types),
-            "query_pre_attn_scalar": int(q) if float(q).is_integer() else q,
-            "final_logit_softcapping": None,
-            "attn_logit_softcapping": None,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "torch_dtype": "float32",
-        }
+        d = super().to_hf_dict()
+        q = float(self.query_pre_attn_scalar)
+        d.pop("hidden_act")
+        d.update(hidden_activation=self.hidden_act, rope_local_base_freq=self.rope_local_base_freq,
+                 attention_bias=self.attention_bias, sliding_window=self.sliding_window,
+                 layer_types=list(self.layer_types), query_pre_attn_scalar=int(q) if q.is_integer() else q,
+                 final_logit_softcapping=None, attn_logit_softcapping=None)
+        return d
 
 
 class Gemma3DecoderBlock(DecoderBlock):

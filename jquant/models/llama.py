@@ -215,6 +215,7 @@ class LlamaConfig:
 
     # What the shared modules ask a config (a family's config class overrides these).
     MODEL_TYPES = SUPPORTED_MODEL_TYPES
+    HF_ARCHITECTURE = None  # config.json "architectures" (None: by model_type)
     hidden_act = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
     norm_unit_offset = False  # RMSNorm weight is 1 + scale (Gemma)
     qk_norm = False  # RMSNorm over each query and key head before the rotary embedding (Gemma 3)
@@ -341,7 +342,7 @@ class LlamaConfig:
             another model).
         """
         d: dict[str, Any] = {
-            "architectures": [_HF_ARCHITECTURE[self.model_type]],
+            "architectures": [self.HF_ARCHITECTURE or _HF_ARCHITECTURE[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -350,7 +351,7 @@ class LlamaConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": _hf_rope_scaling(self),

@@ -85,3 +85,18 @@ def save_tiny(tmp_path):
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def torch_linear_inputs(model, layer: int, tokens: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits of ``model`` on ``tokens`` and the input of every ``nn.Linear`` of decoder layer
+    ``layer`` (forward hooks), keyed like ``forward_with_inputs``: ``'self_attn/q_proj'``, …"""
+    seen, hooks = {}, []
+    for name, mod in model.model.layers[layer].named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(
+                lambda m, inp, out, name=name: seen.__setitem__(name.replace(".", "/"), inp[0].numpy())))
+    try:
+        return torch_logits(model, tokens), seen
+    finally:
+        for h in hooks:
+            h.remove()

@@ -85,6 +85,24 @@ def write_gguf(path, tmodel, *, arch: str = "llama", qtype: str = "F32", extra_t
         arch=arch, qtype=qtype, extra_tensors=extra_tensors, replace=replace, meta=meta)
 
 
+def _tensor_adder(w, qt, replace=None):
+    """``add(name, arr, quantize)``: write a float tensor, in ``qt`` when ``quantize`` (else F32);
+    a name in ``replace`` is written as the array given there."""
+    import gguf
+
+    def add(name, arr, quantize):
+        if replace and name in replace:
+            w.add_tensor(name, replace[name])
+            return
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if quantize and qt != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, arr)
+
+    return add
+
+
 def write_gguf_state(path, sd, cfg, *, arch: str = "llama", qtype: str = "F32", extra_tensors=None,
                      replace=None, meta=None) -> None:
     """:func:`write_gguf` from a Hugging Face state dict of float numpy arrays and a dict ``cfg``
@@ -117,15 +135,7 @@ def write_gguf_state(path, sd, cfg, *, arch: str = "llama", qtype: str = "F32", 
         if val is not None:
             w.add_key_value(key, *val)
 
-    def add(name, arr, quantize):
-        if replace and name in replace:
-            w.add_tensor(name, replace[name])
-            return
-        arr = np.ascontiguousarray(arr.astype(np.float32))
-        if quantize and qt != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
-        else:
-            w.add_tensor(name, arr)
+    add = _tensor_adder(w, qt, replace)
 
     add("token_embd.weight", sd["model.embed_tokens.weight"], True)
     add("output_norm.weight", sd["model.norm.weight"], False)
@@ -222,12 +232,7 @@ def write_gemma3_gguf(path, tmodel, *, qtype: str = "F32", swa_pattern: bool = F
     for key, val in (meta or {}).items():
         w.add_key_value(key, *val)
 
-    def add(name, arr, quantize):
-        arr = np.ascontiguousarray(arr.astype(np.float32))
-        if quantize and qt != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
-        else:
-            w.add_tensor(name, arr)
+    add = _tensor_adder(w, qt)
 
     add("token_embd.weight", sd["model.embed_tokens.weight"], True)
     add("output_norm.weight", sd["model.norm.weight"] + 1, False)

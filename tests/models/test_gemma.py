@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VOCAB, torch_logits
+from conftest import VOCAB, torch_linear_inputs, torch_logits
 from flax import nnx
 
 from jquant.errors import UnsupportedModelError
@@ -101,14 +101,7 @@ def test_gemma3_blockwise_inputs_match_transformers(gemma):
     """The input of every linear (what calibration collects) equals what the torch linears see."""
     _, tmodel, model, _ = gemma()
     toks = _tokens(seq=10)
-    seen, hooks = {}, []
-    for name, mod in tmodel.model.layers[1].named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, inp, out, name=name: seen.__setitem__(name.replace(".", "/"), inp[0].numpy())))
-    ref = torch_logits(tmodel, toks)
-    for h in hooks:
-        h.remove()
+    ref, seen = torch_linear_inputs(tmodel, 1, toks)
     h = model.embed(jnp.asarray(toks))
     h, _ = model.layers[0](h)
     h1, inputs = model.layers[1].forward_with_inputs(h)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_hf_model, torch_logits
+from conftest import VOCAB, tiny_hf_model, torch_linear_inputs, torch_logits
 from flax import nnx
 from gguf_writer import llama_cpp_rope_freqs
 
@@ -189,15 +189,7 @@ def test_blockwise_api_and_captured_inputs_match_transformers(save_tiny):
     model, _ = load_hf(d)
     toks = _tokens(seq=10)
     # hooks on the torch linears: the independent reference for each linear's input
-    seen = {}
-    hooks = []
-    for name, mod in tmodel.model.layers[1].named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, inp, out, name=name: seen.__setitem__(name.replace(".", "/"), inp[0].numpy())))
-    ref = torch_logits(tmodel, toks)
-    for h in hooks:
-        h.remove()
+    ref, seen = torch_linear_inputs(tmodel, 1, toks)
 
     h = model.embed(jnp.asarray(toks))
     h, _ = model.layers[0](h)
