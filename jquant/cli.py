@@ -213,7 +213,6 @@ def cmd_eval(args) -> int:
 
     import jquant as jq
     from jquant import data, evaluate
-    from jquant.models import forward
 
     for name, value, lowest in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
                                  ("--max-windows", args.max_windows, 1)):
@@ -231,8 +230,9 @@ def cmd_eval(args) -> int:
     if tok is None:
         print("error: the model has no tokenizer files to tokenize the evaluation text", file=sys.stderr)
         return 2
-    if args.batch_size is None:  # one step's (batch, seq, vocab) float32 logits within _EVAL_LOGITS
-        args.batch_size = max(1, min(4, _EVAL_LOGITS // (args.seq_len * config.vocab_size)))
+    if args.batch_size is None:  # one step's (batch, head chunk, vocab) float32 logits within _EVAL_LOGITS
+        chunk = min(args.seq_len, evaluate._HEAD_CHUNK)
+        args.batch_size = max(1, min(4, _EVAL_LOGITS // (chunk * config.vocab_size)))
     graphdef, state = nnx.split(model)
     qstate = jq.restore(os.path.join(out, "params"), target=state)
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
@@ -242,7 +242,10 @@ def cmd_eval(args) -> int:
               file=sys.stderr)
 
     # Parameters reach the jitted evaluation as bound arguments of a Partial (not as constants).
-    q_fn = Partial(lambda st, t: forward(graphdef, st, t)[0], qstate)
+    # The quantized model as its blocks and its head: compare runs both heads over chunks of
+    # positions (a 262k vocabulary's logits are the largest arrays of an evaluation).
+    q_fn = evaluate.HiddenAndHead(Partial(lambda st, t: nnx.merge(graphdef, st).hidden(t), qstate),
+                                  Partial(lambda st, h: nnx.merge(graphdef, st).head(h), qstate))
     t0 = time.perf_counter()
     # The float model's last hidden states on these windows are cached (keyed by the model
     # files, the dtype, the model code and the windows): a later evaluation of another recipe
@@ -314,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation text: fortunes (default), licenses, pydoc (held-out tail), hf:..., or a file")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=None,
-                   help="windows per step (default: up to 4, fewer for large vocabularies so one step's "
-                        "logits stay under 1 GiB)")
+                   help="windows per step (default: up to 4, fewer for large vocabularies so the logits of "
+                        "one step's chunk of positions stay under 1 GiB)")
     e.add_argument("--max-windows", type=int, default=16, help="windows to evaluate (0: the whole text)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -196,6 +196,24 @@ def reference_hidden(hidden_fn: Callable, tokens: np.ndarray, *, seq_len: int = 
 
 
 @dataclasses.dataclass
+class HiddenAndHead:
+    """A model given as its blocks and its head, so that :func:`compare` can take the head
+    (final norm and lm_head, the largest matmul of a model with a large vocabulary) over a
+    few positions at a time: ``head(hidden(tokens))`` are the logits.
+
+    Attributes:
+      hidden: ``int32 (B, T) -> (B, T, hidden)``, the last block's output; jit-traceable.
+      head: ``(B, t, hidden) -> (B, t, vocab)`` logits; jit-traceable.
+    """
+
+    hidden: Callable
+    head: Callable
+
+
+_HEAD_CHUNK = 128  # positions per head call when both models come as hidden states and a head
+
+
+@dataclasses.dataclass
 class Comparison:
     """Float vs quantized model on the same windows, from one pass over the text."""
 
@@ -210,26 +228,46 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
     """Perplexity of both models and their agreement, each batch run through both once.
 
     ``ref_logits_fn`` may be a :class:`CachedReference` of the same windows: the reference
-    logits then come from its hidden states through its head.
+    logits then come from its hidden states through its head. When ``logits_fn`` is a
+    :class:`HiddenAndHead` too, both heads run over ``_HEAD_CHUNK`` positions at a time, so
+    a step holds a few (batch, chunk, vocab) logits instead of (batch, seq, vocab) ones
+    (Gemma's 262k vocabulary: 256 MiB instead of 1 GiB per array at batch 2).
     """
     windows = eval_windows(np.asarray(tokens), seq_len, max_windows, bos)
     cached = isinstance(ref_logits_fn, CachedReference)
-    fr, fq = _partial(ref_logits_fn.head if cached else ref_logits_fn), _partial(logits_fn)
+    chunked = cached and isinstance(logits_fn, HiddenAndHead)
+    if isinstance(logits_fn, HiddenAndHead) and not chunked:
+        logits_fn = Partial(lambda hid, head, t: head(hid(t)), _partial(logits_fn.hidden), _partial(logits_fn.head))
+    fr = _partial(ref_logits_fn.head if cached else ref_logits_fn)
+    fq = (_partial(logits_fn.hidden), _partial(logits_fn.head)) if chunked else _partial(logits_fn)
     if cached and ref_logits_fn.hidden.shape[:2] != windows.shape:
         raise ShapeError(f"cached reference of shape {ref_logits_fn.hidden.shape[:2]} does not match the "
                          f"{windows.shape} evaluation windows")
 
-    @jax.jit
-    def stats(fr, fq, batch, mask, h):
-        ref = (fr(h) if cached else fr(batch)).astype(jnp.float32)
-        q = fq(batch).astype(jnp.float32)
-        m = mask[:, None]
-        nll_r = jnp.sum(token_nll(ref, batch) * m)
-        nll_q = jnp.sum(token_nll(q, batch) * m)
-        lr, lq = jax.nn.log_softmax(ref, -1), jax.nn.log_softmax(q, -1)
+    def chunk_stats(ref, q, targets, m):
+        """Sums over positions whose next tokens are ``targets`` (-1: none, the last position)."""
+        lr, lq = jax.nn.log_softmax(ref.astype(jnp.float32), -1), jax.nn.log_softmax(q.astype(jnp.float32), -1)
+        has = (targets >= 0) * m
+        t = jnp.maximum(targets, 0)[..., None]
+        nll_r = -jnp.sum(jnp.take_along_axis(lr, t, -1)[..., 0] * has)
+        nll_q = -jnp.sum(jnp.take_along_axis(lq, t, -1)[..., 0] * has)
         kl = jnp.sum(jnp.sum(jnp.exp(lr) * (lr - lq), -1) * m)
         top = jnp.sum((jnp.argmax(lr, -1) == jnp.argmax(lq, -1)) * m)
         return jnp.stack([nll_r, nll_q, kl, top])
+
+    @jax.jit
+    def stats(fr, fq, batch, mask, h):
+        targets = jnp.concatenate([batch[:, 1:], jnp.full_like(batch[:, :1], -1)], axis=1)
+        m = mask[:, None]
+        if not chunked:
+            ref = fr(h) if cached else fr(batch)
+            return chunk_stats(ref, fq(batch), targets, m)
+        hq = fq[0](batch)
+        out = jnp.zeros(4, jnp.float32)
+        for c0 in range(0, batch.shape[1], _HEAD_CHUNK):
+            c = slice(c0, c0 + _HEAD_CHUNK)
+            out = out + chunk_stats(fr(h[:, c]), fq[1](hq[:, c]), targets[:, c], m)
+        return out
 
     acc = np.zeros(4)
     bar = _progress(len(windows), "evaluate", progress)

@@ -132,6 +132,18 @@ def test_compare_with_a_cached_reference(stream, table, tmp_path):
     for a, b in ((cached.ref.ppl, direct.ref.ppl), (cached.quant.ppl, direct.quant.ppl),
                  (cached.agreement.kl, direct.agreement.kl), (cached.agreement.top1, direct.agreement.top1)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+    # both models as hidden states and a head: the heads run over chunks of positions (50 = 2
+    # chunks of 32 with the last one short, so a chunk border and the unscored last position)
+    q_split = evaluate.HiddenAndHead(Partial(lambda t_, x: t_[x], jnp.asarray(other)), Partial(lambda h: h))
+    old, evaluate._HEAD_CHUNK = evaluate._HEAD_CHUNK, 32
+    try:
+        split = evaluate.compare(evaluate.CachedReference(h, head), q_split, stream, seq_len=50, batch_size=3,
+                                 max_windows=7)
+    finally:
+        evaluate._HEAD_CHUNK = old
+    for a, b in ((split.ref.ppl, direct.ref.ppl), (split.quant.ppl, direct.quant.ppl),
+                 (split.agreement.kl, direct.agreement.kl), (split.agreement.top1, direct.agreement.top1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
     with pytest.raises(ShapeError, match="does not match"):
         evaluate.compare(evaluate.CachedReference(h[:3], head), bigram_fn(other), stream, seq_len=50, max_windows=7)
 
