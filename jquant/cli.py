@@ -203,7 +203,7 @@ def _reference_cache(manifest: dict, windows) -> str | None:
     return os.path.join(root, "reference", h.hexdigest()[:32] + ".npy")
 
 
-_EVAL_LOGITS = 2**28  # elements of one evaluation step's logits (1 GiB in float32)
+_EVAL_LOGITS = 2**26  # elements of one evaluation step's logits (256 MiB in float32)
 
 
 def cmd_eval(args) -> int:
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=None,
                    help="windows per step (default: up to 4, fewer for large vocabularies so the logits of "
-                        "one step's chunk of positions stay under 1 GiB)")
+                        "one step's chunk of positions stay under 256 MiB)")
     e.add_argument("--max-windows", type=int, default=16, help="windows to evaluate (0: the whole text)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -263,10 +263,20 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
             ref = fr(h) if cached else fr(batch)
             return chunk_stats(ref, fq(batch), targets, m)
         hq = fq[0](batch)
+        # Whole chunks in a scan, so they run one after another (unrolled, XLA may keep the
+        # logits of every chunk alive at once); a shorter last chunk after it.
+        b, t = batch.shape
+        n, c = t // _HEAD_CHUNK, _HEAD_CHUNK
         out = jnp.zeros(4, jnp.float32)
-        for c0 in range(0, batch.shape[1], _HEAD_CHUNK):
-            c = slice(c0, c0 + _HEAD_CHUNK)
-            out = out + chunk_stats(fr(h[:, c]), fq[1](hq[:, c]), targets[:, c], m)
+        if n:
+            def body(acc, xs):
+                hr_c, hq_c, tg_c = xs
+                return acc + chunk_stats(fr(hr_c), fq[1](hq_c), tg_c, m), None
+
+            split = lambda a: jnp.moveaxis(a[:, :n * c].reshape(b, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
+            out, _ = jax.lax.scan(body, out, (split(h), split(hq), split(targets)))
+        if t > n * c:
+            out = out + chunk_stats(fr(h[:, n * c:]), fq[1](hq[:, n * c:]), targets[:, n * c:], m)
         return out
 
     acc = np.zeros(4)
