@@ -108,6 +108,8 @@ class Linear(nnx.Module):
     """A linear layer whose ``kernel`` (``(in, out)``) may be a float array or a ``QTensor``.
 
     Params: ``kernel`` ``Float[Array, "in out"]``, ``bias`` ``Float[Array, "out"]`` (or ``None``).
+    Static: ``input_quant``, an activation quantizer of the input
+    (:func:`jquant.activations.set_quantizers`), or ``None``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
@@ -116,8 +118,13 @@ class Linear(nnx.Module):
         self.out_features = out_features
         self.kernel = nnx.Param(_init_normal(rngs, (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+        self.input_quant = None  # a jquant.activations.ActQuantSpec: quantize the input first
 
     def __call__(self, x: Array) -> Array:
+        if self.input_quant is not None:
+            from jquant.activations import fake_quant
+
+            x = fake_quant(x, self.input_quant)
         bias = None if self.bias is None else self.bias.get_value()
         return dense(x, self.kernel.get_value(), bias)
 

@@ -605,7 +605,9 @@ class Attention(nnx.Module):
     family or layer comes from ``config.layer_config(layer)``: the sliding window and rotary
     settings of the layer, the score factor (``query_scale``), and with ``qk_norm`` an
     RMSNorm over each query and key head before the rotation (params ``q_norm/scale``,
-    ``k_norm/scale`` ``(head_dim,)``; Gemma 3).
+    ``k_norm/scale`` ``(head_dim,)``; Gemma 3). Static ``kv_quant``: a quantizer of the keys
+    (after the rotary embedding) and values per token and head
+    (:func:`jquant.activations.set_quantizers`), or ``None``.
     """
 
     def __init__(self, config: LlamaConfig, *, layer: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -619,6 +621,7 @@ class Attention(nnx.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(hd, eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
             self.k_norm = RMSNorm(hd, eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
+        self.kv_quant = None  # a jquant.activations.ActQuantSpec for the keys and values
 
     def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
                  index: Array | int = 0, capture: dict | None = None):
@@ -652,6 +655,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions, c, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_quant is not None:  # what the cache holds: keys after the rotation, values
+            from jquant.activations import fake_quant
+
+            k, v = fake_quant(k, self.kv_quant), fake_quant(v, self.kv_quant)
 
         q_slot = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         kvh, hd = c.num_key_value_heads, c.head_dim
