@@ -94,6 +94,10 @@ def cmd_quantize(args) -> int:
                 cal[key] = value
         cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
     model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
+    if recipe.activations or recipe.kv_cache is not None:  # the rules must fit the model: checked before work
+        from jquant.activations import set_quantizers
+
+        set_quantizers(model, recipe.activations, recipe.kv_cache)
     _, state = nnx.split(model)
     n_leaves = sum(1 for _ in jq.summary(state).leaves)
     bar = tqdm(total=n_leaves, desc=f"quantize {recipe.name}", unit="leaf", disable=True if args.quiet else None)
@@ -235,6 +239,12 @@ def cmd_eval(args) -> int:
         args.batch_size = max(1, min(4, _EVAL_LOGITS // (chunk * config.vocab_size)))
     graphdef, state = nnx.split(model)
     qstate = jq.restore(os.path.join(out, "params"), target=state)
+    # The recipe's activation and KV-cache quantizers are part of the quantized model's graph.
+    from jquant import recipes
+    from jquant.activations import set_quantizers
+
+    recipe_obj = recipes.recipe_from_dict(manifest["recipe"], f"{mpath} recipe")
+    qgraphdef = nnx.split(set_quantizers(model, recipe_obj.activations, recipe_obj.kv_cache)[0])[0]
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
     cal = manifest.get("calibration") or {}
     if cal.get("text") == source and source != "pydoc":
@@ -244,8 +254,8 @@ def cmd_eval(args) -> int:
     # Parameters reach the jitted evaluation as bound arguments of a Partial (not as constants).
     # The quantized model as its blocks and its head: compare runs both heads over chunks of
     # positions (a 262k vocabulary's logits are the largest arrays of an evaluation).
-    q_fn = evaluate.HiddenAndHead(Partial(lambda st, t: nnx.merge(graphdef, st).hidden(t), qstate),
-                                  Partial(lambda st, h: nnx.merge(graphdef, st).head(h), qstate))
+    q_fn = evaluate.HiddenAndHead(Partial(lambda st, t: nnx.merge(qgraphdef, st).hidden(t), qstate),
+                                  Partial(lambda st, h: nnx.merge(qgraphdef, st).head(h), qstate))
     t0 = time.perf_counter()
     # The float model's last hidden states on these windows are cached (keyed by the model
     # files, the dtype, the model code and the windows): a later evaluation of another recipe

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from jquant.activations import ActQuantSpec
 from jquant.errors import SpecError, short
 from jquant.spec import QuantSpec, Rule
 
@@ -34,10 +35,17 @@ class Recipe:
     description: str
     rules: tuple[Rule, ...]
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    activations: tuple[tuple[str, ActQuantSpec | None], ...] = ()  # quantizers of linears' inputs
+    kv_cache: ActQuantSpec | None = None  # quantizer of attention's keys and values
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "calibration": dict(self.calibration),
-                "rules": [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.rules]}
+        d = {"name": self.name, "description": self.description, "calibration": dict(self.calibration),
+             "rules": [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.rules]}
+        if self.activations:
+            d["activations"] = [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.activations]
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache.to_dict()
+        return d
 
 
 def available() -> list[str]:
@@ -47,7 +55,7 @@ def available() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-RECIPE_KEYS = ("name", "description", "calibration", "rules")
+RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache")
 RULE_KEYS = ("pattern", "spec")
 # Calibration settings of data-driven recipes: key -> (type, lowest valid value or None).
 CALIBRATION_KEYS = {"text": (str, None), "windows": (int, 1), "seq_len": (int, 2), "seed": (int, 0),
@@ -103,7 +111,33 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
         if key in d and not isinstance(d[key], str):
             raise SpecError(f"{source}: {key} must be a string, got {short(d[key])}")
     return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
-                  rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source))
+                  rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
+                  activations=_activation_rules(d.get("activations"), source),
+                  kv_cache=_act_spec(d.get("kv_cache"), f"{source}: kv_cache"))
+
+
+def _act_spec(d, where: str) -> ActQuantSpec | None:
+    if d is None:
+        return None
+    try:
+        return ActQuantSpec.from_dict(d)
+    except (SpecError, TypeError) as e:
+        raise SpecError(f"{where}: {e}") from e
+
+
+def _activation_rules(rules, source: str) -> tuple:
+    """``activations: [{pattern, spec}]``: quantizers of the linears' inputs, by kernel path."""
+    if rules is None:
+        return ()
+    if not isinstance(rules, list):
+        raise SpecError(f"{source}: 'activations' must be a list of {{pattern, spec}} entries, got {short(rules)}")
+    out = []
+    for i, r in enumerate(rules):
+        if not isinstance(r, dict) or set(r) != set(RULE_KEYS) or not isinstance(r["pattern"], str):
+            raise SpecError(f"{source}: activation rule {i} needs exactly a string 'pattern' and a 'spec', "
+                            f"got {short(r)}")
+        out.append((r["pattern"], _act_spec(r["spec"], f"{source}: activation rule {i} ({r['pattern']!r})")))
+    return tuple(out)
 
 
 def load_recipe(name_or_path: str) -> Recipe:

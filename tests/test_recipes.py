@@ -23,6 +23,24 @@ def test_hqq_recipes_name_hqq():
         assert spec.method == "hqq" and not spec.symmetric
 
 
+def test_activation_and_kv_cache_sections():
+    r = recipes.load_recipe("w8a8_kv8")
+    assert len(r.activations) == 1 and r.activations[0][1].bits == 8 and r.kv_cache.symmetric is False
+    again = recipes.recipe_from_dict(r.to_dict(), "again")
+    assert again.activations == r.activations and again.kv_cache == r.kv_cache
+    assert "activations" not in recipes.load_recipe("rtn_w4_g64").to_dict()
+    for doc, match in [
+        ({"rules": [], "activations": {"pattern": "x"}}, r"'activations' must be a list"),
+        ({"rules": [], "activations": [{"pattern": "x"}]}, r"activation rule 0 needs exactly"),
+        ({"rules": [], "activations": [{"pattern": "x", "spec": {"bits": 12}}]},
+         r"activation rule 0 \('x'\): activation quantization bits=12"),
+        ({"rules": [], "kv_cache": {"bits": 4, "clip": 0.9}}, r"kv_cache: unknown activation quantization key"),
+        ({"rules": [], "kv_cache": [4]}, r"kv_cache: an activation quantization spec must be a mapping"),
+    ]:
+        with pytest.raises(SpecError, match=match):
+            recipes.recipe_from_dict(doc, "r.yaml")
+
+
 @pytest.mark.parametrize("doc,match", [
     ({"rules": [GOOD_RULE], "calibation": {}}, r"unknown recipe key\(s\) \['calibation'\]"),
     ({"rules": [GOOD_RULE], "calibration": {"windowz": 4}}, r"unknown calibration key\(s\) \['windowz'\]"),
