@@ -1,5 +1,15 @@
-"""Orthogonal rotations for quantization: fusing them into weights (:mod:`jquant.rotations.fuse`)."""
+"""Rotations that leave a float model unchanged and make it easier to quantize.
+
+:mod:`.hadamard`: Hadamard matrices (Sylvester, Paley I/II, Williamson), the fast
+Walsh–Hadamard transform, QuaRot's randomised Hadamard rotation (arXiv:2404.00456) and
+Haar-random orthogonal matrices (SpinQuant's initialisation, arXiv:2405.16406).
+:mod:`.fuse`: folding norms and fusing rotations into a model's weights.
+"""
 
 from jquant.rotations.fuse import fold_norms, fuse_rotations
+from jquant.rotations.hadamard import (hadamard_matrix, hadamard_supported, hadamard_transform,
+                                       random_hadamard_matrix, random_hadamard_transform, random_orthogonal,
+                                       random_signs)
 
-__all__ = ["fold_norms", "fuse_rotations"]
+__all__ = ["fold_norms", "fuse_rotations", "hadamard_matrix", "hadamard_supported", "hadamard_transform",
+           "random_hadamard_matrix", "random_hadamard_transform", "random_orthogonal", "random_signs"]
