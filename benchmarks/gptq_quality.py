@@ -27,15 +27,21 @@ LINEARS = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
 
 # name -> (setting, method label, spec); a spec with "method": "gptq" is calibrated.
 def _gptq(bits, group, range_=None, **opts):
-    spec = {"method": "gptq", "format": "int", "bits": bits, "group_size": group, "symmetric": False,
-            "options": {"damp": 0.1, **opts}}
+    """Asymmetric groups of ``group``; ``group=None``: symmetric, one scale per output channel."""
+    spec = {"method": "gptq", "format": "int", "bits": bits, **_grid(group), "options": {"damp": 0.1, **opts}}
     if range_:
         spec["range"] = range_
     return spec
 
 
+def _grid(group):
+    if group is None:
+        return {"granularity": "channel", "symmetric": True}
+    return {"group_size": group, "symmetric": False}
+
+
 def _rtn(bits, group, range_=None):
-    spec = {"format": "int", "bits": bits, "group_size": group, "symmetric": False}
+    spec = {"format": "int", "bits": bits, **_grid(group)}
     if range_:
         spec["range"] = range_
     return spec
@@ -56,7 +62,19 @@ VARIANTS = {
     "w2": ("W2 g32", "GPTQ", _gptq(2, 32)),
     "w2_ao": ("W2 g32", "GPTQ + act-order", _gptq(2, 32, act_order=True)),
     "w2_ao_mse": ("W2 g32", "GPTQ + act-order, MSE clipping", _gptq(2, 32, "mse", act_order=True)),
+    # Rotations (QuaRot, arXiv:2404.00456) and W4A4KV4: the recipe's rotation / activations /
+    # kv_cache sections (the 4th element) as in configs/quarot_w4a4kv4.yaml.
+    "w4_ao_static_had": ("W4 g64", "GPTQ + act-order, static groups, Hadamard rotation",
+                         _gptq(4, 64, act_order=True, static_groups=True), {"rotation": {"kind": "hadamard"}}),
+    "rtn_w4a4kv4": ("W4A4KV4", "RTN per channel, no rotation", _rtn(4, None), "A4KV4"),
+    "rtn_w4a4kv4_had": ("W4A4KV4", "RTN per channel, Hadamard rotation", _rtn(4, None), "A4KV4+had"),
+    "w4a4kv4": ("W4A4KV4", "GPTQ per channel + act-order, no rotation", _gptq(4, None, act_order=True), "A4KV4"),
+    "w4a4kv4_had": ("W4A4KV4", "GPTQ per channel + act-order, Hadamard rotation (quarot_w4a4kv4)",
+                    _gptq(4, None, act_order=True), "A4KV4+had"),
 }
+_A4KV4 = {"activations": [{"pattern": LINEARS, "spec": {"bits": 4, "symmetric": True, "clip_ratio": 0.9}}],
+          "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95}}
+_EXTRA = {"A4KV4": _A4KV4, "A4KV4+had": {**_A4KV4, "rotation": {"kind": "hadamard"}}}
 
 
 def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_tokens: int = 600,
@@ -86,9 +104,9 @@ def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_token
     os.replace(tmp, path)
 
 
-def _recipe_yaml(name: str, spec: dict, text: str, windows: int) -> str:
+def _recipe_yaml(name: str, spec: dict, text: str, windows: int, extra=None) -> str:
     out = {"name": name, "description": "benchmarks/gptq_quality.py row",
-           "rules": [{"pattern": LINEARS, "spec": spec}]}
+           "rules": [{"pattern": LINEARS, "spec": spec}], **(_EXTRA.get(extra, extra) or {})}
     if spec.get("method") == "gptq":
         out["calibration"] = {"text": text, "windows": windows, "seq_len": 512, "seed": 0, "batch_size": 8}
     return json.dumps(out)  # YAML is a superset of JSON
@@ -118,14 +136,14 @@ def main() -> int:
         write_selfgen_text(text, model_name=args.model)
     jq = [sys.executable, "-m", "jquant.cli"]
     for name in names:
-        setting, label, spec = VARIANTS[name]
+        setting, label, spec, *extra = VARIANTS[name]
         d = os.path.abspath(os.path.join(args.out, name))
         res = os.path.join(d, "eval_fortunes.json")
         if not os.path.isfile(res):
             os.makedirs(d, exist_ok=True)
             recipe = os.path.join(args.out, f"{name}.yaml")
             with open(recipe, "w") as fh:
-                fh.write(_recipe_yaml(name, spec, text, args.windows))
+                fh.write(_recipe_yaml(name, spec, text, args.windows, *extra))
             print(f"{name}: quantize", flush=True)
             model = [] if args.model is None else ["--model", args.model]
             subprocess.run(jq + ["quantize", *model, "--recipe", recipe, "--out", d, "--overwrite", "--quiet"],
@@ -134,7 +152,7 @@ def main() -> int:
             subprocess.run(jq + ["eval", d, "--max-windows", str(args.eval_windows), "--quiet"], check=True)
     # The table: every row finished under --out, whether run now or before (--only picks what runs).
     rows = []
-    for name, (setting, label, spec) in VARIANTS.items():
+    for name, (setting, label, spec, *_) in VARIANTS.items():
         d = os.path.abspath(os.path.join(args.out, name))
         res = os.path.join(d, "eval_fortunes.json")
         if not os.path.isfile(res):

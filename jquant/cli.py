@@ -45,6 +45,22 @@ def _load_model(model_path: str | None, dtype: str):
     return model, config, tok, str(path), time.perf_counter() - t
 
 
+def _prepare(model, recipe, quiet: bool = True):
+    """The model a recipe quantizes and runs: its rotations fused (float function unchanged),
+    its activation and KV-cache quantizers placed."""
+    if recipe.rotation is not None:
+        from jquant.rotations import rotate
+
+        model, notes = rotate(model, recipe.rotation)
+        for n in notes if not quiet else ():
+            print(f"note: rotation: {n}", file=sys.stderr)
+    if recipe.activations or recipe.kv_cache is not None:
+        from jquant.activations import set_quantizers
+
+        model, _ = set_quantizers(model, recipe.activations, recipe.kv_cache)
+    return model
+
+
 def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model, progress: bool):
     """The calibration windows, kept in ``out/work`` so a resumed job skips making them again
     (self-generated ones take minutes)."""
@@ -94,10 +110,10 @@ def cmd_quantize(args) -> int:
                 cal[key] = value
         cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
     model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
-    if recipe.activations or recipe.kv_cache is not None:  # the rules must fit the model: checked before work
-        from jquant.activations import set_quantizers
-
-        set_quantizers(model, recipe.activations, recipe.kv_cache)
+    float_bytes = jq.summary(nnx.state(model)).nbytes  # the model as loaded (a rotation may untie its head)
+    t_rot = time.perf_counter()
+    model = _prepare(model, recipe, quiet=args.quiet)  # rotations fused; activation rules checked before work
+    t_rot = time.perf_counter() - t_rot
     _, state = nnx.split(model)
     n_leaves = sum(1 for _ in jq.summary(state).leaves)
     bar = tqdm(total=n_leaves, desc=f"quantize {recipe.name}", unit="leaf", disable=True if args.quiet else None)
@@ -136,14 +152,14 @@ def cmd_quantize(args) -> int:
     t1 = time.perf_counter()
     jq.save(ckpt, qstate, overwrite=args.overwrite)
     t_save = time.perf_counter() - t1
-    s_float, s_q = jq.summary(state), jq.summary(qstate)
+    s_q = jq.summary(qstate)
     manifest = {
         "model": model_path, "dtype": args.dtype, "recipe": recipe.to_dict(),
         "quantized_leaves": len(seen), "params": s_q.numel,
-        "float_param_bytes": s_float.nbytes, "quant_param_bytes": s_q.nbytes,
+        "float_param_bytes": float_bytes, "quant_param_bytes": s_q.nbytes,
         "bits_per_weight_all": s_q.bits_per_weight, "bits_per_weight_quantized": s_q.quantized_bits_per_weight,
         "checkpoint_bytes_on_disk": _dir_bytes(ckpt),
-        "seconds": {"load": t_load, "quantize": t_quant, "save": t_save, **stages},
+        "seconds": {"load": t_load, "rotate": t_rot, "quantize": t_quant, "save": t_save, **stages},
         "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "layers"},
     }
     write_json(os.path.join(out, MANIFEST), manifest)
@@ -238,13 +254,14 @@ def cmd_eval(args) -> int:
         chunk = min(args.seq_len, evaluate._HEAD_CHUNK)
         args.batch_size = max(1, min(4, _EVAL_LOGITS // (chunk * config.vocab_size)))
     graphdef, state = nnx.split(model)
-    qstate = jq.restore(os.path.join(out, "params"), target=state)
-    # The recipe's activation and KV-cache quantizers are part of the quantized model's graph.
+    # The quantized model's graph: the recipe's rotations (which may add an lm_head) and its
+    # activation and KV-cache quantizers.
     from jquant import recipes
-    from jquant.activations import set_quantizers
 
-    recipe_obj = recipes.recipe_from_dict(manifest["recipe"], f"{mpath} recipe")
-    qgraphdef = nnx.split(set_quantizers(model, recipe_obj.activations, recipe_obj.kv_cache)[0])[0]
+    qmodel = _prepare(model, recipes.recipe_from_dict(manifest["recipe"], f"{mpath} recipe"))
+    qgraphdef, qtarget = nnx.split(qmodel)
+    qstate = jq.restore(os.path.join(out, "params"), target=qtarget)
+    del qmodel, qtarget
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
     cal = manifest.get("calibration") or {}
     if cal.get("text") == source and source != "pydoc":

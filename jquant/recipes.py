@@ -24,6 +24,7 @@ import yaml
 
 from jquant.activations import ActQuantSpec
 from jquant.errors import SpecError, short
+from jquant.rotations.quarot import RotationSpec
 from jquant.spec import QuantSpec, Rule
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -37,6 +38,7 @@ class Recipe:
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     activations: tuple[tuple[str, ActQuantSpec | None], ...] = ()  # quantizers of linears' inputs
     kv_cache: ActQuantSpec | None = None  # quantizer of attention's keys and values
+    rotation: RotationSpec | None = None  # rotations fused before quantizing (QuaRot)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "description": self.description, "calibration": dict(self.calibration),
@@ -45,6 +47,8 @@ class Recipe:
             d["activations"] = [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.activations]
         if self.kv_cache is not None:
             d["kv_cache"] = self.kv_cache.to_dict()
+        if self.rotation is not None:
+            d["rotation"] = self.rotation.to_dict()
         return d
 
 
@@ -55,7 +59,7 @@ def available() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache")
+RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache", "rotation")
 RULE_KEYS = ("pattern", "spec")
 # Calibration settings of data-driven recipes: key -> (type, lowest valid value or None).
 CALIBRATION_KEYS = {"text": (str, None), "windows": (int, 1), "seq_len": (int, 2), "seed": (int, 0),
@@ -113,7 +117,17 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
                   activations=_activation_rules(d.get("activations"), source),
-                  kv_cache=_act_spec(d.get("kv_cache"), f"{source}: kv_cache"))
+                  kv_cache=_act_spec(d.get("kv_cache"), f"{source}: kv_cache"),
+                  rotation=_rotation(d.get("rotation"), source))
+
+
+def _rotation(d, source: str) -> RotationSpec | None:
+    if d is None:
+        return None
+    try:
+        return RotationSpec.from_dict(d)
+    except (SpecError, TypeError) as e:
+        raise SpecError(f"{source}: rotation: {e}") from e
 
 
 def _act_spec(d, where: str) -> ActQuantSpec | None:

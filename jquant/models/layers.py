@@ -108,8 +108,10 @@ class Linear(nnx.Module):
     """A linear layer whose ``kernel`` (``(in, out)``) may be a float array or a ``QTensor``.
 
     Params: ``kernel`` ``Float[Array, "in out"]``, ``bias`` ``Float[Array, "out"]`` (or ``None``).
-    Static: ``input_quant``, an activation quantizer of the input
-    (:func:`jquant.activations.set_quantizers`), or ``None``.
+    Static: ``input_transform`` (``"hadamard"``: the input is rotated online, ``x ↦ x Hᵀ/√n``,
+    and the kernel holds ``H W/√n``; :func:`jquant.rotations.fuse_rotations`), then
+    ``input_quant``, an activation quantizer of the (rotated) input
+    (:func:`jquant.activations.set_quantizers`); ``None`` for neither.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
@@ -119,8 +121,13 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(_init_normal(rngs, (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
         self.input_quant = None  # a jquant.activations.ActQuantSpec: quantize the input first
+        self.input_transform = None  # "hadamard": rotate the input online first (its transpose is in the kernel)
 
     def __call__(self, x: Array) -> Array:
+        if self.input_transform == "hadamard":
+            from jquant.rotations.hadamard import hadamard_transform
+
+            x = hadamard_transform(x)
         if self.input_quant is not None:
             from jquant.activations import fake_quant
 

@@ -3,13 +3,15 @@
 :mod:`.hadamard`: Hadamard matrices (Sylvester, Paley I/II, Williamson), the fast
 Walsh–Hadamard transform, QuaRot's randomised Hadamard rotation (arXiv:2404.00456) and
 Haar-random orthogonal matrices (SpinQuant's initialisation, arXiv:2405.16406).
-:mod:`.fuse`: folding norms and fusing rotations into a model's weights.
+:mod:`.fuse`: folding norms and fusing rotations into a model's weights; :mod:`.quarot`: a
+whole model's random rotations (R1, R2, online R4) from a :class:`RotationSpec`.
 """
 
 from jquant.rotations.fuse import fold_norms, fuse_rotations
+from jquant.rotations.quarot import RotationSpec, rotate, rotation_matrix
 from jquant.rotations.hadamard import (hadamard_matrix, hadamard_supported, hadamard_transform,
                                        random_hadamard_matrix, random_hadamard_transform, random_orthogonal,
                                        random_signs)
 
-__all__ = ["fold_norms", "fuse_rotations", "hadamard_matrix", "hadamard_supported", "hadamard_transform",
+__all__ = ["RotationSpec", "fold_norms", "fuse_rotations", "rotate", "rotation_matrix", "hadamard_matrix", "hadamard_supported", "hadamard_transform",
            "random_hadamard_matrix", "random_hadamard_transform", "random_orthogonal", "random_signs"]

@@ -19,6 +19,9 @@ states are row vectors.
 - **R2** (one ``(head_dim, head_dim)`` per layer) rotates each value head ``v ← v R2`` and
   un-rotates it in o_proj's rows, ``W_o[head] ← R2ᵀ W_o[head]``: attention mixes value rows
   linearly, so the output is unchanged (any family).
+- **Online** (R4 on down_proj's input): the model rotates a linear's input at run time by the
+  normalised Hadamard transform, ``x ↦ x Hᵀ/√n``, and its kernel takes ``H W/√n``, so an
+  activation quantizer placed on that linear sees the rotated input (any family).
 
 Everything is computed in float64 on the host and cast back to the parameter dtype once, so
 the rotated float32 model's logits equal the original's to float32 rounding.
@@ -27,6 +30,8 @@ the rotated float32 model's logits equal the original's to float32 rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -49,11 +54,22 @@ def _params(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _rebuild(model, config, params: dict[str, np.ndarray]):
-    """A model of ``config`` (same family and dtype) holding ``params``."""
+def _rebuild(model, config, params: dict[str, np.ndarray], online: Sequence[str] = ()):
+    """A model of ``config`` (same family and dtype) holding ``params``; the static settings of
+    ``model``'s linears are kept, and the linears named in ``online`` (in every block) rotate
+    their inputs online."""
+    from jquant.models.layers import Linear
     from jquant.models.llama import abstract_model
 
     new = abstract_model(config, dtype=model.dtype)
+    old = {p: n for p, n in nnx.iter_graph(model) if isinstance(n, Linear)}
+    for p, node in nnx.iter_graph(new):
+        if isinstance(node, Linear):
+            if p in old:
+                node.input_transform = old[p].input_transform
+                node.input_quant = old[p].input_quant
+            if len(p) >= 2 and "/".join(map(str, p[2:])) in online:
+                node.input_transform = "hadamard"
     state = nnx.state(new)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     values = []
@@ -112,7 +128,7 @@ def _check_orthogonal(r: np.ndarray, n: int, what: str) -> np.ndarray:
     return r
 
 
-def fuse_rotations(model, r1=None, r2=None):
+def fuse_rotations(model, r1=None, r2=None, online: Sequence[str] = ()):
     """The model with rotations fused into its weights (see the module doc); its float
     function is unchanged. Returns ``(model, notes)``.
 
@@ -123,6 +139,9 @@ def fuse_rotations(model, r1=None, r2=None):
         are folded first (:func:`fold_norms`).
       r2: ``(head_dim, head_dim)`` (every layer) or ``(layers, head_dim, head_dim)``
         orthogonal matrices on the value heads, or ``None``.
+      online: linears of every block (``"mlp/down_proj"``: QuaRot/SpinQuant's R4) whose input
+        the model rotates online by the normalised Hadamard transform ``x ↦ x Hᵀ/√n``
+        (:func:`jquant.rotations.hadamard_transform`); their kernels take ``H W/√n``.
     Raises:
       UnsupportedModelError: R1 on Gemma 3 (its post-norms do not commute with it).
       ShapeError / SpecError: a matrix of the wrong shape, not orthogonal (``|RᵀR − I| >
@@ -174,4 +193,23 @@ def fuse_rotations(model, r1=None, r2=None):
                 p[f"{pre}self_attn/v_proj/bias"] = (bv.reshape(kv, hd) @ r).reshape(bv.shape)
             wo = p[f"{pre}self_attn/o_proj/kernel"]
             p[f"{pre}self_attn/o_proj/kernel"] = np.einsum("ji,hjo->hio", r, wo.reshape(h, hd, -1)).reshape(wo.shape)
-    return _rebuild(model, config, p), notes
+    from jquant.rotations.hadamard import hadamard_matrix
+
+    names = {n for g, _ in type(model.layers[0]).LINEAR_GROUPS for n in g}
+    bad = [n for n in online if n not in names]
+    if bad:
+        raise SpecError(f"online rotation of {bad}: not a linear of the block; valid: {', '.join(sorted(names))}")
+    for name in online:
+        for i in range(layers):
+            if _linear(model, i, name).input_transform is not None:
+                raise SpecError(f"layers/{i}/{name}: its input is already rotated online")
+            w = p[f"layers/{i}/{name}/kernel"]
+            p[f"layers/{i}/{name}/kernel"] = hadamard_matrix(w.shape[0]) @ w / math.sqrt(w.shape[0])
+    return _rebuild(model, config, p, online), notes
+
+
+def _linear(model, i: int, name: str):
+    node = model.layers[i]
+    for part in name.split("/"):
+        node = getattr(node, part)
+    return node

@@ -121,3 +121,41 @@ def test_bad_rotations_are_refused():
     nnx.update(qmodel, q)
     with pytest.raises(SpecError, match=r"layers/0/self_attn/q_proj/kernel: is quantized"):
         fuse_rotations(qmodel, r1=_orthogonal(64, 0))
+
+
+def test_online_hadamard_on_down_proj_keeps_the_function():
+    """R4: down_proj's input rotated online (1536-wide in SmolLM2: 12·128; here 96 = 12·8)."""
+    model = _model(tie=False)
+    ref = _logits(model)
+    rot, _ = fuse_rotations(model, online=("mlp/down_proj",))
+    assert rot.layers[2].mlp.down_proj.input_transform == "hadamard"
+    assert rot.layers[2].mlp.up_proj.input_transform is None
+    assert _rel(_logits(rot), ref) < 1e-5
+    with pytest.raises(SpecError, match="already rotated online"):
+        fuse_rotations(rot, online=("mlp/down_proj",))
+    with pytest.raises(SpecError, match="not a linear of the block"):
+        fuse_rotations(model, online=("mlp/down",))
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_rotate_whole_model(kind):
+    """R1 + R2 + R4 from a RotationSpec: the function is unchanged; activation quantizers on the
+    rotated model see the rotated inputs; a Hadamard rotation is exactly orthogonal."""
+    from jquant.activations import ActQuantSpec, set_quantizers
+    from jquant.rotations import RotationSpec, rotate, rotation_matrix
+
+    model = _model(tie=True)
+    ref = _logits(model)
+    rot, notes = rotate(model, RotationSpec(kind=kind, seed=3))
+    assert _rel(_logits(rot), ref) < 1e-4 and "untied" in notes[0]
+    r = rotation_matrix(64, kind, jax.random.key(0))
+    assert np.abs(r.T @ r - np.eye(64)).max() < 1e-12
+    if kind == "hadamard":
+        np.testing.assert_allclose(np.abs(r), 1 / 8, rtol=1e-15)
+    a4, _ = set_quantizers(rot, [(r"_proj/kernel$", ActQuantSpec(bits=8))])
+    assert a4.layers[0].mlp.down_proj.input_transform == "hadamard" and a4.layers[0].mlp.down_proj.input_quant.bits == 8
+    assert _rel(_logits(a4), ref) < 0.05
+    with pytest.raises(SpecError, match="rotation kind='givens'"):
+        RotationSpec(kind="givens")
+    with pytest.raises(SpecError, match=r"unknown rotation key\(s\) \['r3'\]"):
+        RotationSpec.from_dict({"r3": True})

@@ -1,0 +1,101 @@
+"""Random rotations of a whole model, as QuaRot (arXiv:2404.00456) places them: R1 on the
+residual stream, R2 on every layer's value heads, and an online Hadamard transform (R4) on
+the input of down_proj, so that outliers spread across channels before weights, activations
+and the KV cache are quantized. The float function is unchanged
+(:func:`jquant.rotations.fuse_rotations`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jquant.errors import SpecError, short
+
+KINDS = ("hadamard", "orthogonal")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotationSpec:
+    """Which rotations a model gets (a recipe's ``rotation:`` section).
+
+    Attributes:
+      kind: ``"hadamard"`` (QuaRot's random Hadamard matrices ``diag(s) Hᵀ/√n``) or
+        ``"orthogonal"`` (Haar-random orthogonal matrices, SpinQuant's starting point).
+      seed: the PRNG seed of the random signs / matrices.
+      r1: rotate the residual stream (not for Gemma 3: its post-norms do not commute).
+      r2: rotate each layer's value heads (one matrix per layer).
+      online: linears whose input is Hadamard-rotated online (default down_proj, R4).
+
+    Raises:
+      SpecError: an unknown kind or key, a value of the wrong type.
+    """
+
+    kind: str = "hadamard"
+    seed: int = 0
+    r1: bool = True
+    r2: bool = True
+    online: tuple[str, ...] = ("mlp/down_proj",)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise SpecError(f"rotation kind={short(self.kind)}: valid: {', '.join(KINDS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SpecError(f"rotation seed={short(self.seed)}: must be an integer >= 0")
+        for k in ("r1", "r2"):
+            if not isinstance(getattr(self, k), bool):
+                raise SpecError(f"rotation {k}={short(getattr(self, k))}: must be true or false")
+        online = self.online
+        if isinstance(online, str) or not all(isinstance(x, str) for x in online):
+            raise SpecError(f"rotation online={short(online)}: must be a list of linear names (e.g. mlp/down_proj)")
+        object.__setattr__(self, "online", tuple(online))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["online"] = list(self.online)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RotationSpec:
+        if not isinstance(d, dict):
+            raise SpecError(f"a rotation spec must be a mapping, got {short(d)}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SpecError(f"unknown rotation key(s) {sorted(unknown)}; valid: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**d)
+
+
+def rotation_matrix(n: int, kind: str, key) -> np.ndarray:
+    """An ``(n, n)`` float64 rotation: ``diag(s) Hᵀ/√n`` with random signs ``s`` (``"hadamard"``;
+    exact in float64) or a Haar-random orthogonal matrix (``"orthogonal"``)."""
+    from jquant.rotations.hadamard import hadamard_matrix, random_orthogonal, random_signs
+
+    if kind == "hadamard":
+        s = np.asarray(random_signs(n, key), np.float64)
+        return s[:, None] * hadamard_matrix(n).T / np.sqrt(n)
+    q = np.asarray(random_orthogonal(n, key), np.float64)
+    u, _, vt = np.linalg.svd(q)  # re-orthogonalise the float32 draw in float64
+    return u @ vt
+
+
+def rotate(model, spec: RotationSpec):
+    """``model`` with the rotations of ``spec`` fused (float function unchanged).
+
+    Returns:
+      ``(model, notes)`` as :func:`jquant.rotations.fuse_rotations` (e.g. an untied embedding).
+    Raises:
+      ShapeError: a size with no Hadamard construction (``kind="orthogonal"`` serves any size).
+      UnsupportedModelError: R1 on Gemma 3.
+    """
+    from jquant.rotations.fuse import fuse_rotations
+
+    c = model.config
+    k1, k2 = jax.random.split(jax.random.key(spec.seed))
+    r1 = rotation_matrix(c.hidden_size, spec.kind, k1) if spec.r1 else None
+    r2 = (np.stack([rotation_matrix(c.head_dim, spec.kind, k) for k in jax.random.split(k2, c.num_hidden_layers)])
+          if spec.r2 else None)
+    return fuse_rotations(model, r1=r1, r2=r2, online=spec.online)
