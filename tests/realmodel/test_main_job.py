@@ -59,3 +59,30 @@ def test_cli_hqq_recipe_eval_on_a_file_and_bad_arguments(tmp_path, capsys):
     assert cli.main(["quantize", "--recipe", "gptq_w4_g64", "--out", str(tmp_path / "g"), "--calib-windows", "0",
                      "--quiet"]) == 1
     assert "calibration windows=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_rotation_and_w4a4kv4_recipe(tmp_path):
+    """A recipe with a rotation and activation/KV quantizers through quantize and eval: the
+    rotated checkpoint (its untied lm_head included) restores, the quantizers are applied at
+    evaluation, and the Hadamard rotation makes W4A4KV4 far better than no rotation."""
+    import yaml
+
+    from jquant import recipes
+
+    base = recipes.load_recipe("quarot_w4a4kv4").to_dict()
+    base["rules"][0]["spec"] = {"format": "int", "bits": 4, "granularity": "channel", "symmetric": True}  # RTN: fast
+    base.pop("calibration")
+    kl = {}
+    for rot in (True, False):
+        d = dict(base, name=f"rot_{rot}")
+        if not rot:
+            d.pop("rotation")
+        path = tmp_path / f"r{rot}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        out = str(tmp_path / f"o{rot}")
+        assert cli.main(["quantize", "--recipe", str(path), "--out", out, "--quiet"]) == 0
+        man = json.load(open(os.path.join(out, "jquant.json")))
+        assert (man["recipe"].get("rotation") is not None) == rot and man["quantized_leaves"] == 7 * 30
+        assert cli.main(["eval", out, "--text", "licenses", "--seq-len", "128", "--max-windows", "2", "--quiet"]) == 0
+        kl[rot] = json.load(open(os.path.join(out, "eval_licenses.json")))["kl"]
+    assert kl[True] < 0.7 * kl[False], kl
