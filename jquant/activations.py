@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jquant.errors import SpecError, short
+from jquant.errors import SpecError, settings_from_dict, short
 
 Array = jax.Array
 
@@ -78,13 +78,7 @@ class ActQuantSpec:
 
     @classmethod
     def from_dict(cls, d: Any) -> ActQuantSpec:
-        if not isinstance(d, dict):
-            raise SpecError(f"an activation quantization spec must be a mapping, got {short(d)}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise SpecError(f"unknown activation quantization key(s) {sorted(unknown)}; valid: "
-                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**d)
+        return settings_from_dict(cls, d, "activation quantization spec")
 
     def describe(self) -> str:
         g = "" if self.group_size is None else f" g{self.group_size}"

@@ -63,3 +63,21 @@ _repr.maxlevel = 3
 def short(value) -> str:
     """A bounded ``repr`` for messages: values read from files may be huge, deep or self-referential."""
     return _repr.repr(value)
+
+
+def settings_from_dict(cls, d, what: str):
+    """``cls(**d)`` for a frozen settings dataclass read from a file: ``d`` must be a mapping
+    whose keys are fields of ``cls`` (a misspelt key is an error, never ignored); ``cls``
+    validates the values itself."""
+    import dataclasses
+
+    if not isinstance(d, dict):
+        raise SpecError(f"{what} must be a mapping, got {short(d)}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise SpecError(f"unknown {what} key(s) {sorted(unknown)}; valid: {', '.join(fields)}")
+    try:
+        return cls(**d)
+    except TypeError as e:  # a value of a type the validation compares badly
+        raise SpecError(f"{what}: {e}") from e

@@ -117,25 +117,17 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
                   activations=_activation_rules(d.get("activations"), source),
-                  kv_cache=_act_spec(d.get("kv_cache"), f"{source}: kv_cache"),
-                  rotation=_rotation(d.get("rotation"), source))
+                  kv_cache=_section(ActQuantSpec, d.get("kv_cache"), f"{source}: kv_cache"),
+                  rotation=_section(RotationSpec, d.get("rotation"), f"{source}: rotation"))
 
 
-def _rotation(d, source: str) -> RotationSpec | None:
+def _section(cls, d, where: str):
+    """A recipe section read by ``cls.from_dict`` (``None`` when absent), errors prefixed by ``where``."""
     if d is None:
         return None
     try:
-        return RotationSpec.from_dict(d)
-    except (SpecError, TypeError) as e:
-        raise SpecError(f"{source}: rotation: {e}") from e
-
-
-def _act_spec(d, where: str) -> ActQuantSpec | None:
-    if d is None:
-        return None
-    try:
-        return ActQuantSpec.from_dict(d)
-    except (SpecError, TypeError) as e:
+        return cls.from_dict(d)
+    except SpecError as e:
         raise SpecError(f"{where}: {e}") from e
 
 
@@ -150,7 +142,7 @@ def _activation_rules(rules, source: str) -> tuple:
         if not isinstance(r, dict) or set(r) != set(RULE_KEYS) or not isinstance(r["pattern"], str):
             raise SpecError(f"{source}: activation rule {i} needs exactly a string 'pattern' and a 'spec', "
                             f"got {short(r)}")
-        out.append((r["pattern"], _act_spec(r["spec"], f"{source}: activation rule {i} ({r['pattern']!r})")))
+        out.append((r["pattern"], _section(ActQuantSpec, r["spec"], f"{source}: activation rule {i} ({r['pattern']!r})")))
     return tuple(out)
 
 

@@ -34,8 +34,8 @@ def test_activation_and_kv_cache_sections():
         ({"rules": [], "activations": [{"pattern": "x"}]}, r"activation rule 0 needs exactly"),
         ({"rules": [], "activations": [{"pattern": "x", "spec": {"bits": 12}}]},
          r"activation rule 0 \('x'\): activation quantization bits=12"),
-        ({"rules": [], "kv_cache": {"bits": 4, "clip": 0.9}}, r"kv_cache: unknown activation quantization key"),
-        ({"rules": [], "kv_cache": [4]}, r"kv_cache: an activation quantization spec must be a mapping"),
+        ({"rules": [], "kv_cache": {"bits": 4, "clip": 0.9}}, r"kv_cache: unknown activation quantization spec key"),
+        ({"rules": [], "kv_cache": [4]}, r"kv_cache: activation quantization spec must be a mapping"),
     ]:
         with pytest.raises(SpecError, match=match):
             recipes.recipe_from_dict(doc, "r.yaml")

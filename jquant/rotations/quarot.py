@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jquant.errors import SpecError, short
+from jquant.errors import SpecError, settings_from_dict, short
 
 KINDS = ("hadamard", "orthogonal")
 
@@ -60,13 +60,7 @@ class RotationSpec:
 
     @classmethod
     def from_dict(cls, d: Any) -> RotationSpec:
-        if not isinstance(d, dict):
-            raise SpecError(f"a rotation spec must be a mapping, got {short(d)}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise SpecError(f"unknown rotation key(s) {sorted(unknown)}; valid: "
-                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**d)
+        return settings_from_dict(cls, d, "rotation spec")
 
 
 def rotation_matrix(n: int, kind: str, key) -> np.ndarray:

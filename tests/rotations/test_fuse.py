@@ -157,5 +157,5 @@ def test_rotate_whole_model(kind):
     assert _rel(_logits(a4), ref) < 0.05
     with pytest.raises(SpecError, match="rotation kind='givens'"):
         RotationSpec(kind="givens")
-    with pytest.raises(SpecError, match=r"unknown rotation key\(s\) \['r3'\]"):
+    with pytest.raises(SpecError, match=r"unknown rotation spec key\(s\) \[.r3.\]"):
         RotationSpec.from_dict({"r3": True})
