@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,69 @@ class ActQuantSpec:
         return f"{'sym' if self.symmetric else 'asym'} int{self.bits} per token{g}{clip}"
 
 
+class TokenCodes(NamedTuple):
+    """Per-token codes of an activation ``(..., n)`` (a pytree: what a quantized KV cache holds).
+
+    Attributes:
+      codes: ``uint8`` ``(..., n)``, or ``(..., n/2)`` with two 4-bit (or narrower) codes per
+        byte (the low nibble holds the even position); symmetric codes are offset by
+        ``2^(b−1) − 1`` so they are unsigned.
+      scale: ``float32`` ``(..., n/group)``.
+      zero: ``uint8`` ``(..., n/group)`` (asymmetric), or ``None``.
+    """
+
+    codes: Array
+    scale: Array
+    zero: Array | None
+
+
+def _groups(n: int, spec: ActQuantSpec) -> int:
+    g = n if spec.group_size is None else spec.group_size
+    if n % g:
+        raise SpecError(f"activation quantization group_size={g} does not divide the last axis ({n})")
+    return g
+
+
+def quantize_tokens(x: Array, spec: ActQuantSpec) -> TokenCodes:
+    """``x`` ``(..., n)`` quantized per token (see the module doc) into :class:`TokenCodes`.
+
+    Raises:
+      SpecError: ``spec.group_size`` does not divide ``n``.
+    """
+    n = x.shape[-1]
+    g = _groups(n, spec)
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], n // g, g)
+    clip = jnp.float32(spec.clip_ratio)
+    if spec.symmetric:
+        qmax = 2 ** (spec.bits - 1) - 1
+        amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) * clip
+        s = jnp.where(amax > 0, amax / qmax, 1.0)
+        c, z = jnp.clip(jnp.round(xf / s), -qmax, qmax) + qmax, None
+    else:
+        qmax = 2 ** spec.bits - 1
+        lo = jnp.minimum(jnp.min(xf, axis=-1, keepdims=True), 0.0) * clip
+        hi = jnp.maximum(jnp.max(xf, axis=-1, keepdims=True), 0.0) * clip
+        s = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
+        z = jnp.round(-lo / s)
+        c = jnp.clip(jnp.round(xf / s) + z, 0, qmax)
+        z = z[..., 0].astype(jnp.uint8)
+    c = c.reshape(x.shape).astype(jnp.uint8)
+    if spec.bits <= 4 and n % 2 == 0:
+        c = c[..., 0::2] | (c[..., 1::2] << 4)
+    return TokenCodes(c, s[..., 0], z)
+
+
+def dequantize_tokens(t: TokenCodes, spec: ActQuantSpec, n: int, dtype=jnp.float32) -> Array:
+    """The values ``(..., n)`` of :class:`TokenCodes` (computed in float32, cast to ``dtype``)."""
+    c = t.codes
+    if c.shape[-1] != n:  # two codes per byte
+        c = jnp.stack([c & 0xF, c >> 4], axis=-1).reshape(*c.shape[:-1], n)
+    g = _groups(n, spec)
+    cf = c.astype(jnp.float32).reshape(*c.shape[:-1], n // g, g)
+    off = (2 ** (spec.bits - 1) - 1) if spec.symmetric else t.zero.astype(jnp.float32)[..., None]
+    return ((cf - off) * t.scale[..., None]).reshape(*c.shape[:-1], n).astype(dtype)
+
+
 def fake_quant(x: Array, spec: ActQuantSpec) -> Array:
     """``x`` ``(..., n)`` quantized and dequantized per token (see the module doc); same shape and
     dtype, computed in float32; gradient straight through.
@@ -93,26 +156,8 @@ def fake_quant(x: Array, spec: ActQuantSpec) -> Array:
     Raises:
       SpecError: ``spec.group_size`` does not divide ``n``.
     """
-    n = x.shape[-1]
-    g = n if spec.group_size is None else spec.group_size
-    if n % g:
-        raise SpecError(f"activation quantization group_size={g} does not divide the last axis ({n})")
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], n // g, g)
-    clip = jnp.float32(spec.clip_ratio)
-    if spec.symmetric:
-        qmax = 2 ** (spec.bits - 1) - 1
-        amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) * clip
-        s = jnp.where(amax > 0, amax / qmax, 1.0)
-        deq = jnp.clip(jnp.round(xf / s), -qmax, qmax) * s
-    else:
-        qmax = 2 ** spec.bits - 1
-        lo = jnp.minimum(jnp.min(xf, axis=-1, keepdims=True), 0.0) * clip
-        hi = jnp.maximum(jnp.max(xf, axis=-1, keepdims=True), 0.0) * clip
-        s = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
-        z = jnp.round(-lo / s)
-        deq = (jnp.clip(jnp.round(xf / s) + z, 0, qmax) - z) * s
-    deq = deq.reshape(x.shape)
-    return (x + jax.lax.stop_gradient(deq.astype(x.dtype) - x)).astype(x.dtype)
+    deq = dequantize_tokens(quantize_tokens(x, spec), spec, x.shape[-1], x.dtype)
+    return (x + jax.lax.stop_gradient(deq - x)).astype(x.dtype)
 
 
 def compile_act_rules(rules: Sequence[tuple[str, ActQuantSpec | None]]):

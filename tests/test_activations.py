@@ -120,5 +120,16 @@ def test_kv_cache_quantizer_in_full_and_cached_attention(tiny):
         logits, cache = forward(gd, st, toks[:, a:b], cache=cache)
         chunks.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), full, atol=1e-5, rtol=0)
+    # the cache holds codes: two 4-bit codes a byte, a float32 scale and a uint8 zero per group of 8
+    k0 = cache.k[0]
+    assert k0.codes.dtype == jnp.uint8 and k0.codes.shape == (2, 2, 48, 8) and k0.scale.shape == (2, 2, 48, 2)
+    plain = model.init_cache(2, 48)
+    assert cache.nbytes == plain.nbytes * (8 + 2 * 4 + 2) // 64  # 18 of 64 bytes per token and head
+    # greedy generation through the quantized cache picks what the full (fake-quantized) forward picks
+    from jquant.models import generate
+
+    out = np.asarray(generate(kv4, toks[:, :6], 10))
+    again = _logits(kv4, jnp.asarray(out))
+    np.testing.assert_array_equal(again[:, 5:-1].argmax(-1), out[:, 6:])
     with pytest.raises(SpecError, match="does not divide head_dim=16"):
         set_quantizers(model, kv_cache=ActQuantSpec(group_size=5))

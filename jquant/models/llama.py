@@ -538,32 +538,70 @@ class KVCache(NamedTuple):
 
     Attributes:
       k, v: one ``Float[Array, "batch kv_heads max_len head_dim"]`` per layer (heads-major,
-        so attention reads a run of slots without transposing the cache).
+        so attention reads a run of slots without transposing the cache), or, for a layer
+        whose attention quantizes keys and values (``Attention.kv_quant``), its
+        :class:`jquant.activations.TokenCodes`: codes ``uint8`` ``(batch, kv_heads, max_len,
+        head_dim or head_dim/2)`` with per-token-and-head scales (and zeros).
       index: ``int32`` scalar, the number of positions already written (slot ``j`` holds
         position ``j``).
     """
 
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
+    k: tuple[Any, ...]
+    v: tuple[Any, ...]
     index: Array
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        k0 = self.k[0]
+        return (k0.codes if hasattr(k0, "codes") else k0).shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds (codes, scales and zeros counted)."""
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves((self.k, self.v)))
 
 
 _ATTN_CHUNK = 128  # queries per block of causal attention without a cache
 _KV_SEGMENT = 128  # cache slots per step of attention over a KV cache
 
 
-def _cached_attention(q: Array, k_cache: Array, v_cache: Array, q_slot: Array, sliding_window: int | None,
-                      scale: float, dtype) -> Array:
+def _read_slots(entry, start, seg: int, spec, hd: int, dtype) -> Array:
+    """Slots ``start .. start + seg`` of a cache entry (an array or quantized codes), ``(b, kv, seg, hd)``."""
+    def cut(a):
+        return jax.lax.dynamic_slice(a, (0, 0, start, 0), (*a.shape[:2], seg, a.shape[3]))
+
+    if spec is None:
+        return cut(entry).astype(dtype)
+    from jquant.activations import TokenCodes, dequantize_tokens
+
+    part = TokenCodes(cut(entry.codes), cut(entry.scale), None if entry.zero is None else cut(entry.zero))
+    return dequantize_tokens(part, spec, hd, dtype)
+
+
+def _write_slots(entry, new: Array, start, spec):
+    """``entry`` with ``new`` ``(b, kv, t, hd)`` written from slot ``start`` (quantized when
+    ``spec`` is given)."""
+    def put(a, x):
+        return jax.lax.dynamic_update_slice(a, x.astype(a.dtype), (0, 0, start) + (0,) * (a.ndim - 3))
+
+    if spec is None:
+        return put(entry, new)
+    from jquant.activations import quantize_tokens
+
+    t = quantize_tokens(new, spec)
+    return type(entry)(put(entry.codes, t.codes), put(entry.scale, t.scale),
+                       None if entry.zero is None else put(entry.zero, t.zero))
+
+
+def _cached_attention(q: Array, k_cache, v_cache, q_slot: Array, sliding_window: int | None,
+                      scale: float, dtype, spec=None) -> Array:
     """Attention of ``q`` ``(b, kv, g, t, hd)`` over the filled part of a heads-major cache
-    ``(b, kv, S, hd)``: segments of ``_KV_SEGMENT`` slots up to the last query's slot, with an
-    online softmax (running max and sum in float32), so a step's cost grows with the filled
-    length, not with the preallocated one. Returns ``(b, kv, g, t, hd)`` in ``dtype``."""
+    ``(b, kv, S, hd)`` (or its quantized codes, dequantized segment by segment with ``spec``):
+    segments of ``_KV_SEGMENT`` slots up to the last query's slot, with an online softmax
+    (running max and sum in float32), so a step's cost grows with the filled length, not with
+    the preallocated one. Returns ``(b, kv, g, t, hd)`` in ``dtype``."""
     b, kvh, g, t, hd = q.shape
-    S = k_cache.shape[2]
+    S = (k_cache if spec is None else k_cache.codes).shape[2]
     seg = min(S, _KV_SEGMENT)
     filled = q_slot[-1] + 1
     n_seg = (filled + seg - 1) // seg
@@ -572,8 +610,8 @@ def _cached_attention(q: Array, k_cache: Array, v_cache: Array, q_slot: Array, s
         m, l, acc = carry
         s0 = i * seg
         st = jnp.minimum(s0, S - seg)  # the last segment may overlap the one before: masked by s0
-        kk = jax.lax.dynamic_slice(k_cache, (0, 0, st, 0), (b, kvh, seg, hd)).astype(dtype)
-        vv = jax.lax.dynamic_slice(v_cache, (0, 0, st, 0), (b, kvh, seg, hd)).astype(dtype)
+        kk = _read_slots(k_cache, st, seg, spec, hd, dtype)
+        vv = _read_slots(v_cache, st, seg, spec, hd, dtype)
         sc = jnp.einsum("bkgtd,bksd->bkgts", q, kk, preferred_element_type=jnp.float32) * scale
         slots = st + jnp.arange(seg, dtype=jnp.int32)
         mask = (slots[None, :] >= s0) & (slots[None, :] <= q_slot[:, None])
@@ -655,7 +693,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions, c, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_quant is not None:  # what the cache holds: keys after the rotation, values
+        if self.kv_quant is not None and kv is None:  # what a cache would hold: keys after the rotation, values
             from jquant.activations import fake_quant
 
             k, v = fake_quant(k, self.kv_quant), fake_quant(v, self.kv_quant)
@@ -666,11 +704,11 @@ class Attention(nnx.Module):
         # the g query heads of a KV head are stacked along the rows.
         q = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, hd)
         if kv is not None:
-            k_cache, v_cache = kv
-            start = (0, 0, jnp.asarray(index, jnp.int32), 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
-            out = _cached_attention(q, k_cache, v_cache, q_slot, c.sliding_window, c.query_scale, x.dtype)
+            start = jnp.asarray(index, jnp.int32)
+            k_cache = _write_slots(kv[0], k.transpose(0, 2, 1, 3), start, self.kv_quant)
+            v_cache = _write_slots(kv[1], v.transpose(0, 2, 1, 3), start, self.kv_quant)
+            out = _cached_attention(q, k_cache, v_cache, q_slot, c.sliding_window, c.query_scale, x.dtype,
+                                    self.kv_quant)
             out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_attention_heads * hd)
             return out, (k_cache, v_cache)
         k_slot = q_slot
@@ -898,12 +936,22 @@ class Llama(nnx.Module):
         return h
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions (codes
+        for the layers whose attention quantizes keys and values)."""
         c = self.config
         dtype = self.dtype if dtype is None else dtype
         shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers))
-        return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)),
+
+        def entry(layer):
+            spec = layer.self_attn.kv_quant
+            if spec is None:
+                return jnp.zeros(shape, dtype)
+            from jquant.activations import quantize_tokens
+
+            # the codes, scales and zeros of max_len zero vectors: their shapes and dtypes
+            return jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: quantize_tokens(jnp.zeros(shape, dtype), spec)))
+
+        return KVCache(tuple(entry(layer) for layer in self.layers), tuple(entry(layer) for layer in self.layers),
                        jnp.zeros((), jnp.int32))
 
     def __call__(self, tokens: Array, positions: Array | None = None,
