@@ -167,32 +167,7 @@ def fuse_rotations(model, r1=None, r2=None, online: Sequence[str] = ()):
         if r2.shape != (layers, hd, hd):
             raise ShapeError(f"R2: shape {r2.shape}, expected ({hd}, {hd}) or ({layers}, {hd}, {hd})")
         r2 = np.stack([_check_orthogonal(r, hd, f"R2 of layer {i}") for i, r in enumerate(r2)])
-    if r1 is not None:
-        p["embed_tokens/embedding"] = p["embed_tokens/embedding"] @ r1
-        if "lm_head/kernel" in p:
-            p["lm_head/kernel"] = r1.T @ p["lm_head/kernel"]
-    for i, block in enumerate(model.layers):
-        pre = f"layers/{i}/"
-        if r1 is not None:
-            for names, _ in type(block).LINEAR_GROUPS:
-                for n in names:
-                    w = p[f"{pre}{n}/kernel"]
-                    if n in ("self_attn/o_proj", "mlp/down_proj"):  # write the residual stream
-                        p[f"{pre}{n}/kernel"] = w @ r1
-                        if f"{pre}{n}/bias" in p:
-                            p[f"{pre}{n}/bias"] = p[f"{pre}{n}/bias"] @ r1
-                    else:  # read it (through a norm of weight 1)
-                        p[f"{pre}{n}/kernel"] = r1.T @ w
-        if r2 is not None:
-            r = r2[i]
-            kv, h = config.num_key_value_heads, config.num_attention_heads
-            wv = p[f"{pre}self_attn/v_proj/kernel"]
-            p[f"{pre}self_attn/v_proj/kernel"] = (wv.reshape(-1, kv, hd) @ r).reshape(wv.shape)
-            if f"{pre}self_attn/v_proj/bias" in p:
-                bv = p[f"{pre}self_attn/v_proj/bias"]
-                p[f"{pre}self_attn/v_proj/bias"] = (bv.reshape(kv, hd) @ r).reshape(bv.shape)
-            wo = p[f"{pre}self_attn/o_proj/kernel"]
-            p[f"{pre}self_attn/o_proj/kernel"] = np.einsum("ji,hjo->hio", r, wo.reshape(h, hd, -1)).reshape(wo.shape)
+    p = rotate_params(p, config, type(model.layers[0]).LINEAR_GROUPS, r1, r2, xp=np)
     from jquant.rotations.hadamard import hadamard_matrix
 
     names = {n for g, _ in type(model.layers[0]).LINEAR_GROUPS for n in g}
@@ -206,6 +181,40 @@ def fuse_rotations(model, r1=None, r2=None, online: Sequence[str] = ()):
             w = p[f"layers/{i}/{name}/kernel"]
             p[f"layers/{i}/{name}/kernel"] = hadamard_matrix(w.shape[0]) @ w / math.sqrt(w.shape[0])
     return _rebuild(model, config, p, online), notes
+
+
+def rotate_params(p: dict, config, groups, r1=None, r2=None, xp=np) -> dict:
+    """R1 and R2 applied to a norm-folded parameter dict (paths as :func:`fuse_rotations`'s
+    model), with ``xp`` = ``numpy`` (float64 fusion) or ``jax.numpy`` (differentiable in the
+    rotations, for learning them). Returns a new dict; see the module doc for the maps."""
+    p = dict(p)
+    hd, kv, h = config.head_dim, config.num_key_value_heads, config.num_attention_heads
+    if r1 is not None:
+        p["embed_tokens/embedding"] = p["embed_tokens/embedding"] @ r1
+        if "lm_head/kernel" in p:
+            p["lm_head/kernel"] = r1.T @ p["lm_head/kernel"]
+    for i in range(config.num_hidden_layers):
+        pre = f"layers/{i}/"
+        if r1 is not None:
+            for names, _ in groups:
+                for n in names:
+                    w = p[f"{pre}{n}/kernel"]
+                    if n in ("self_attn/o_proj", "mlp/down_proj"):  # write the residual stream
+                        p[f"{pre}{n}/kernel"] = w @ r1
+                        if f"{pre}{n}/bias" in p:
+                            p[f"{pre}{n}/bias"] = p[f"{pre}{n}/bias"] @ r1
+                    else:  # read it (through a norm of weight 1)
+                        p[f"{pre}{n}/kernel"] = r1.T @ w
+        if r2 is not None:
+            r = r2[i]
+            wv = p[f"{pre}self_attn/v_proj/kernel"]
+            p[f"{pre}self_attn/v_proj/kernel"] = (wv.reshape(-1, kv, hd) @ r).reshape(wv.shape)
+            if f"{pre}self_attn/v_proj/bias" in p:
+                bv = p[f"{pre}self_attn/v_proj/bias"]
+                p[f"{pre}self_attn/v_proj/bias"] = (bv.reshape(kv, hd) @ r).reshape(bv.shape)
+            wo = p[f"{pre}self_attn/o_proj/kernel"]
+            p[f"{pre}self_attn/o_proj/kernel"] = xp.einsum("ji,hjo->hio", r, wo.reshape(h, hd, -1)).reshape(wo.shape)
+    return p
 
 
 def _linear(model, i: int, name: str):
