@@ -106,7 +106,7 @@ def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_token
 
 def _recipe_yaml(name: str, spec: dict, text: str, windows: int, extra=None) -> str:
     out = {"name": name, "description": "benchmarks/gptq_quality.py row",
-           "rules": [{"pattern": LINEARS, "spec": spec}], **(_EXTRA.get(extra, extra) or {})}
+           "rules": [{"pattern": LINEARS, "spec": spec}], **((_EXTRA[extra] if isinstance(extra, str) else extra) or {})}
     if spec.get("method") == "gptq":
         out["calibration"] = {"text": text, "windows": windows, "seq_len": 512, "seed": 0, "batch_size": 8}
     return json.dumps(out)  # YAML is a superset of JSON
