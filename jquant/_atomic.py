@@ -19,3 +19,9 @@ def write_npy(path: str, arr: np.ndarray) -> None:
     tmp = path + ".tmp.npy"
     np.save(tmp, arr)
     os.replace(tmp, path)
+
+
+def write_npz(path: str, **arrays) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from jquant._atomic import write_json, write_npy
+from jquant._atomic import write_json, write_npy, write_npz
 from jquant._cache import cache_root
 
 MANIFEST = "jquant.json"
@@ -45,18 +45,57 @@ def _load_model(model_path: str | None, dtype: str):
     return model, config, tok, str(path), time.perf_counter() - t
 
 
-def _prepare(model, recipe, quiet: bool = True):
+ROTATIONS = "rotations.npz"  # the learned rotations of a job (kind: learned), beside params/
+
+
+def _prepare(model, recipe, quiet: bool = True, tokens=None, rotations: str | None = None):
     """The model a recipe quantizes and runs: its rotations fused (float function unchanged),
-    its activation and KV-cache quantizers placed."""
-    if recipe.rotation is not None:
+    its activation and KV-cache quantizers placed. Learned rotations are read from the file
+    ``rotations`` if it exists, else learned on ``tokens`` and written there."""
+    from jquant.activations import set_quantizers
+
+    spec = recipe.rotation
+    if spec is not None and spec.kind == "learned":
+        import numpy as np
+
+        from jquant.errors import CheckpointError
+        from jquant.rotations import fuse_rotations
+        from jquant.rotations.spinquant import learn_rotations, weight_rules_for_learning
+
+        import hashlib
+
+        # reused only by the job that learned them: same settings, same calibration windows
+        key = json.dumps([spec.to_dict(), recipe.to_dict(), None if tokens is None else
+                          hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()])
+        saved = None
+        if rotations is not None and os.path.isfile(rotations):
+            with np.load(rotations) as f:
+                if tokens is None or str(f["key"]) == key:
+                    saved = f["r1"], f["r2"]
+        if saved is not None:
+            r1, r2 = saved
+        elif tokens is None:
+            raise CheckpointError(f"{rotations}: the learned rotations of this job are missing")
+        else:
+            qmodel, _ = set_quantizers(model, recipe.activations, recipe.kv_cache)
+            # GPTQ adapts the weights after: learn with them in float (SpinQuant's W16 setting)
+            wr = [] if any(sp is not None and sp.method == "gptq" for _, sp in recipe.rules) else \
+                weight_rules_for_learning(recipe.rules)
+            res = learn_rotations(qmodel, tokens, weight_rules=wr, steps=spec.steps, learning_rate=spec.learning_rate,
+                                  batch_size=spec.batch_size, kind="hadamard", seed=spec.seed, online=spec.online,
+                                  objective=spec.objective, progress=not quiet)
+            r1, r2 = res.r1, res.r2
+            write_npz(rotations, r1=r1, r2=r2, losses=np.asarray(res.losses), key=np.asarray(key))
+        model, notes = fuse_rotations(model, r1, r2, online=spec.online)
+    elif spec is not None:
         from jquant.rotations import rotate
 
-        model, notes = rotate(model, recipe.rotation)
-        for n in notes if not quiet else ():
-            print(f"note: rotation: {n}", file=sys.stderr)
+        model, notes = rotate(model, spec)
+    else:
+        notes = []
+    for n in notes if not quiet else ():
+        print(f"note: rotation: {n}", file=sys.stderr)
     if recipe.activations or recipe.kv_cache is not None:
-        from jquant.activations import set_quantizers
-
         model, _ = set_quantizers(model, recipe.activations, recipe.kv_cache)
     return model
 
@@ -101,8 +140,9 @@ def cmd_quantize(args) -> int:
         print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
         return 2
     data_driven = any(needs_data(sp) for _, sp in recipe.rules)
+    learned = recipe.rotation is not None and recipe.rotation.kind == "learned"
     cal = None
-    if data_driven:  # the calibration settings are checked before any work
+    if data_driven or learned:  # the calibration settings are checked before any work
         cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
         for key, value in (("text", args.calib_text), ("windows", args.calib_windows),
                            ("seq_len", args.calib_seq_len)):
@@ -111,8 +151,18 @@ def cmd_quantize(args) -> int:
         cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
     model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
     float_bytes = jq.summary(nnx.state(model)).nbytes  # the model as loaded (a rotation may untie its head)
+    stages: dict[str, float] = {}  # wall seconds by stage of the calibration job
+    toks = None
+    if cal is not None:  # from the float model (self-generated text), before any rotation or quantizer
+        if tok is None:
+            print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
+            return 2
+        t_tok = time.perf_counter()
+        toks = _calibration_tokens(out, tok, cal, config.vocab_size, model, progress=not args.quiet)
+        stages["calibration_text"] = time.perf_counter() - t_tok
     t_rot = time.perf_counter()
-    model = _prepare(model, recipe, quiet=args.quiet)  # rotations fused; activation rules checked before work
+    # rotations fused (learned ones first learned on the calibration windows); quantizers placed
+    model = _prepare(model, recipe, quiet=args.quiet, tokens=toks, rotations=os.path.join(out, ROTATIONS))
     t_rot = time.perf_counter() - t_rot
     _, state = nnx.split(model)
     n_leaves = sum(1 for _ in jq.summary(state).leaves)
@@ -126,15 +176,8 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     calib_info = None
-    stages: dict[str, float] = {}  # wall seconds by stage of the calibration job
     if data_driven:
         bar.close()
-        if tok is None:
-            print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
-            return 2
-        t_tok = time.perf_counter()
-        toks = _calibration_tokens(out, tok, cal, config.vocab_size, model, progress=not args.quiet)
-        stages["calibration_text"] = time.perf_counter() - t_tok
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
                                                 batch_size=cal["batch_size"], progress=not args.quiet,
                                                 model_id=model_path, timings=stages)
@@ -258,7 +301,8 @@ def cmd_eval(args) -> int:
     # activation and KV-cache quantizers.
     from jquant import recipes
 
-    qmodel = _prepare(model, recipes.recipe_from_dict(manifest["recipe"], f"{mpath} recipe"))
+    qmodel = _prepare(model, recipes.recipe_from_dict(manifest["recipe"], f"{mpath} recipe"),
+                      rotations=os.path.join(out, ROTATIONS))
     qgraphdef, qtarget = nnx.split(qmodel)
     qstate = jq.restore(os.path.join(out, "params"), target=qtarget)
     del qmodel, qtarget

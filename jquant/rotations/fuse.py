@@ -56,14 +56,16 @@ def _params(model) -> dict[str, np.ndarray]:
 
 def _rebuild(model, config, params: dict[str, np.ndarray], online: Sequence[str] = ()):
     """A model of ``config`` (same family and dtype) holding ``params``; the static settings of
-    ``model``'s linears are kept, and the linears named in ``online`` (in every block) rotate
+    ``model``'s linears and attention layers (transforms, quantizers) are kept, and the linears named in ``online`` (in every block) rotate
     their inputs online."""
     from jquant.models.layers import Linear
-    from jquant.models.llama import abstract_model
+    from jquant.models.llama import Attention, abstract_model
 
     new = abstract_model(config, dtype=model.dtype)
-    old = {p: n for p, n in nnx.iter_graph(model) if isinstance(n, Linear)}
+    old = {p: n for p, n in nnx.iter_graph(model) if isinstance(n, (Linear, Attention))}
     for p, node in nnx.iter_graph(new):
+        if isinstance(node, Attention) and p in old:
+            node.kv_quant = old[p].kv_quant
         if isinstance(node, Linear):
             if p in old:
                 node.input_transform = old[p].input_transform

@@ -15,7 +15,7 @@ import numpy as np
 
 from jquant.errors import SpecError, settings_from_dict, short
 
-KINDS = ("hadamard", "orthogonal")
+KINDS = ("hadamard", "orthogonal", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +23,16 @@ class RotationSpec:
     """Which rotations a model gets (a recipe's ``rotation:`` section).
 
     Attributes:
-      kind: ``"hadamard"`` (QuaRot's random Hadamard matrices ``diag(s) Hᵀ/√n``) or
-        ``"orthogonal"`` (Haar-random orthogonal matrices, SpinQuant's starting point).
+      kind: ``"hadamard"`` (QuaRot's random Hadamard matrices ``diag(s) Hᵀ/√n``),
+        ``"orthogonal"`` (Haar-random orthogonal matrices) or ``"learned"`` (SpinQuant: R1 and
+        R2 learned from random Hadamard ones on the calibration text,
+        :func:`jquant.rotations.spinquant.learn_rotations`).
       seed: the PRNG seed of the random signs / matrices.
       r1: rotate the residual stream (not for Gemma 3: its post-norms do not commute).
       r2: rotate each layer's value heads (one matrix per layer).
       online: linears whose input is Hadamard-rotated online (default down_proj, R4).
+      steps, learning_rate, batch_size, objective: the learning of ``kind="learned"``
+        (SpinQuant's 100 steps at 1.5, cosine decay; ``objective`` ``"ce"`` or ``"kl"``).
 
     Raises:
       SpecError: an unknown kind or key, a value of the wrong type.
@@ -39,6 +43,10 @@ class RotationSpec:
     r1: bool = True
     r2: bool = True
     online: tuple[str, ...] = ("mlp/down_proj",)
+    steps: int = 100
+    learning_rate: float = 1.5
+    batch_size: int = 4
+    objective: str = "ce"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -68,7 +76,7 @@ def rotation_matrix(n: int, kind: str, key) -> np.ndarray:
     exact in float64) or a Haar-random orthogonal matrix (``"orthogonal"``)."""
     from jquant.rotations.hadamard import hadamard_matrix, random_orthogonal, random_signs
 
-    if kind == "hadamard":
+    if kind in ("hadamard", "learned"):  # learning starts from random Hadamard matrices
         s = np.asarray(random_signs(n, key), np.float64)
         return s[:, None] * hadamard_matrix(n).T / np.sqrt(n)
     q = np.asarray(random_orthogonal(n, key), np.float64)
@@ -87,6 +95,9 @@ def rotate(model, spec: RotationSpec):
     """
     from jquant.rotations.fuse import fuse_rotations
 
+    if spec.kind == "learned":
+        raise SpecError("rotation kind='learned' needs calibration text: use jquant.rotations.spinquant."
+                        "learn_rotations, then fuse_rotations (jquant quantize does both)")
     c = model.config
     k1, k2 = jax.random.split(jax.random.key(spec.seed))
     r1 = rotation_matrix(c.hidden_size, spec.kind, k1) if spec.r1 else None
