@@ -74,7 +74,10 @@ VARIANTS = {
 }
 _A4KV4 = {"activations": [{"pattern": LINEARS, "spec": {"bits": 4, "symmetric": True, "clip_ratio": 0.9}}],
           "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95}}
-_EXTRA = {"A4KV4": _A4KV4, "A4KV4+had": {**_A4KV4, "rotation": {"kind": "hadamard"}}}
+_EXTRA = {"A4KV4": _A4KV4, "A4KV4+had": {**_A4KV4, "rotation": {"kind": "hadamard"}},
+          "A4KV4+learned": {**_A4KV4, "rotation": {"kind": "learned", "steps": 30, "batch_size": 4}}}
+VARIANTS["w4a4kv4_learned"] = ("W4A4KV4", "GPTQ per channel + act-order, learned rotation (SpinQuant, 30 steps)",
+                               _gptq(4, None, act_order=True), "A4KV4+learned")
 
 
 def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_tokens: int = 600,
