@@ -100,3 +100,34 @@ def test_bad_settings(setup):
         learn_rotations(model, train, objective="mse")
     with pytest.raises(DataError, match="at least one batch of 8"):
         learn_rotations(model, train[:3], batch_size=8)
+
+
+def test_cli_prepare_learns_once_and_eval_reuses(setup, tmp_path):
+    """``jquant quantize``'s preparation learns the rotations on the calibration windows and
+    writes them; a rerun with the same settings and windows reuses them; other windows learn
+    again; ``jquant eval`` (no windows) reads them, and without the file it is an error."""
+    from jquant import cli, recipes
+    from jquant.errors import CheckpointError
+
+    model, train, _ = setup
+    recipe = recipes.recipe_from_dict({
+        "rules": [{"pattern": LIN, "spec": {"bits": 4, "granularity": "channel", "symmetric": True}}],
+        "activations": [{"pattern": LIN, "spec": {"bits": 4, "clip_ratio": 0.9}}],
+        "kv_cache": {"bits": 4, "symmetric": False},
+        "rotation": {"kind": "learned", "steps": 2, "learning_rate": 0.05, "batch_size": 4, "objective": "kl"}})
+    path = str(tmp_path / "rotations.npz")
+    first = cli._prepare(model, recipe, tokens=train, rotations=path)
+    saved = np.load(path)
+    assert saved["r1"].shape == (64, 64) and saved["r2"].shape == (2, 16, 16) and len(saved["losses"]) == 2
+    mtime = (tmp_path / "rotations.npz").stat().st_mtime_ns
+    again = cli._prepare(model, recipe, tokens=train, rotations=path)
+    assert (tmp_path / "rotations.npz").stat().st_mtime_ns == mtime  # reused, not learned again
+    at_eval = cli._prepare(model, recipe, rotations=path)
+    for m in (again, at_eval):
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(m), nnx.state(first))
+    assert at_eval.layers[0].mlp.down_proj.input_transform == "hadamard"
+    assert at_eval.layers[0].self_attn.kv_quant.bits == 4
+    cli._prepare(model, recipe, tokens=train[::-1].copy(), rotations=path)  # other windows: learned again
+    assert (tmp_path / "rotations.npz").stat().st_mtime_ns != mtime
+    with pytest.raises(CheckpointError, match="learned rotations of this job are missing"):
+        cli._prepare(model, recipe, rotations=str(tmp_path / "none.npz"))
