@@ -26,7 +26,6 @@ parameter state), so a checkpoint restores onto a model of either kind.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -160,23 +159,6 @@ def fake_quant(x: Array, spec: ActQuantSpec) -> Array:
     return (x + jax.lax.stop_gradient(deq - x)).astype(x.dtype)
 
 
-def compile_act_rules(rules: Sequence[tuple[str, ActQuantSpec | None]]):
-    """Validate ``(pattern, ActQuantSpec | None)`` rules (the first match wins) and compile them."""
-    out = []
-    for i, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-            raise SpecError(f"activation rule {i} must be a (pattern, ActQuantSpec | None) pair, got {short(rule)}")
-        pat, spec = rule
-        if spec is not None and not isinstance(spec, ActQuantSpec):
-            raise SpecError(f"activation rule {i} ({pat!r}): expected an ActQuantSpec or None, got "
-                            f"{type(spec).__name__}")
-        try:
-            out.append((re.compile(pat), spec))
-        except (re.error, TypeError) as e:
-            raise SpecError(f"activation rule {i}: invalid pattern {short(pat)}: {e}") from e
-    return out
-
-
 def set_quantizers(model, rules: Sequence[tuple[str, ActQuantSpec | None]] = (),
                    kv_cache: ActQuantSpec | None = None):
     """A copy of ``model`` whose linears quantize their inputs and whose attention layers
@@ -199,9 +181,9 @@ def set_quantizers(model, rules: Sequence[tuple[str, ActQuantSpec | None]] = (),
     """
     from jquant.models.layers import Linear
     from jquant.models.llama import Attention
-    from jquant.spec import match
+    from jquant.spec import compile_rules, match
 
-    compiled = compile_act_rules(rules)
+    compiled = compile_rules(rules, ActQuantSpec, "activation rule")
     new = nnx.clone(model)
     placed, used = {}, set()
     for path, node in nnx.iter_graph(new):

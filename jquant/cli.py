@@ -56,16 +56,16 @@ def _prepare(model, recipe, quiet: bool = True, tokens=None, rotations: str | No
 
     spec = recipe.rotation
     if spec is not None and spec.kind == "learned":
+        import hashlib
+
         import numpy as np
 
         from jquant.errors import CheckpointError
         from jquant.rotations import fuse_rotations
         from jquant.rotations.spinquant import learn_rotations, weight_rules_for_learning
 
-        import hashlib
-
-        # reused only by the job that learned them: same settings, same calibration windows
-        key = json.dumps([spec.to_dict(), recipe.to_dict(), None if tokens is None else
+        # reused only by the job that learned them: same recipe, same calibration windows
+        key = json.dumps([recipe.to_dict(), None if tokens is None else
                           hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()])
         saved = None
         if rotations is not None and os.path.isfile(rotations):

@@ -223,21 +223,24 @@ def path_str(keypath: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def compile_rules(rules: Sequence[Rule]) -> list[tuple[re.Pattern, QuantSpec | None]]:
-    """Validate rules and compile their patterns."""
-    if isinstance(rules, QuantSpec):
+def compile_rules(rules: Sequence[Rule], spec_type: type = QuantSpec,
+                  what: str = "rule") -> list[tuple[re.Pattern, Any]]:
+    """Validate ``(pattern, spec | None)`` rules and compile their patterns; ``spec_type`` is
+    the class a spec must be (``QuantSpec`` for weights, ``ActQuantSpec`` for activations),
+    ``what`` names a rule in the errors."""
+    if isinstance(rules, spec_type):
         raise SpecError("rules must be a list of (pattern, spec) pairs; for one spec everywhere use [('.*', spec)]")
     out = []
     for i, rule in enumerate(rules):
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-            raise SpecError(f"rule {i} must be a (pattern, spec | None) pair, got {rule!r}")
+            raise SpecError(f"{what} {i} must be a (pattern, spec | None) pair, got {rule!r}")
         pat, spec = rule
-        if spec is not None and not isinstance(spec, QuantSpec):
-            raise SpecError(f"rule {i} ({pat!r}): expected a QuantSpec or None, got {type(spec).__name__}")
+        if spec is not None and not isinstance(spec, spec_type):
+            raise SpecError(f"{what} {i} ({pat!r}): expected a {spec_type.__name__} or None, got {type(spec).__name__}")
         try:
             out.append((re.compile(pat), spec))
-        except re.error as e:
-            raise SpecError(f"rule {i}: invalid pattern {pat!r}: {e}") from e
+        except (re.error, TypeError) as e:  # TypeError: a pattern that is not a string
+            raise SpecError(f"{what} {i}: invalid pattern {pat!r}: {e}") from e
     return out
 
 

@@ -123,6 +123,8 @@ def test_rule_errors():
         jquant.quantize_tree({"a": w_((128, 4))}, [("a", s, "extra")])
     with pytest.raises(SpecError, match=r"rule 0 \('a'\): expected a QuantSpec or None, got dict"):
         jquant.quantize_tree({"a": w_((128, 4))}, [("a", {"bits": 4})])
+    with pytest.raises(SpecError, match=r"rule 0: invalid pattern 3"):  # not a string: was a bare TypeError
+        jquant.quantize_tree({"a": w_((128, 4))}, [(3, s)])
 
 
 def test_data_driven_method_in_quantize_tree_names_path():

@@ -572,10 +572,9 @@ def _read_slots(entry, start, seg: int, spec, hd: int, dtype) -> Array:
 
     if spec is None:
         return cut(entry).astype(dtype)
-    from jquant.activations import TokenCodes, dequantize_tokens
+    from jquant.activations import dequantize_tokens
 
-    part = TokenCodes(cut(entry.codes), cut(entry.scale), None if entry.zero is None else cut(entry.zero))
-    return dequantize_tokens(part, spec, hd, dtype)
+    return dequantize_tokens(jax.tree.map(cut, entry), spec, hd, dtype)  # codes, scales (and zeros)
 
 
 def _write_slots(entry, new: Array, start, spec):
@@ -588,9 +587,7 @@ def _write_slots(entry, new: Array, start, spec):
         return put(entry, new)
     from jquant.activations import quantize_tokens
 
-    t = quantize_tokens(new, spec)
-    return type(entry)(put(entry.codes, t.codes), put(entry.scale, t.scale),
-                       None if entry.zero is None else put(entry.zero, t.zero))
+    return jax.tree.map(put, entry, quantize_tokens(new, spec))  # codes, scales (and zeros)
 
 
 def _cached_attention(q: Array, k_cache, v_cache, q_slot: Array, sliding_window: int | None,

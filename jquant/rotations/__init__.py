@@ -11,7 +11,7 @@ whole model's random rotations (R1, R2, online R4) from a :class:`RotationSpec`.
 
 from jquant.rotations.cayley import CayleySgdState, cayley_sgd, project_orthogonal
 from jquant.rotations.fuse import fold_norms, fuse_rotations
-from jquant.rotations.quarot import RotationSpec, rotate, rotation_matrix
+from jquant.rotations.quarot import RotationSpec, random_rotations, rotate, rotation_matrix
 from jquant.rotations.hadamard import (hadamard_matrix, hadamard_supported, hadamard_transform,
                                        random_hadamard_matrix, random_hadamard_transform, random_orthogonal,
                                        random_signs)

@@ -56,8 +56,8 @@ def _params(model) -> dict[str, np.ndarray]:
 
 def _rebuild(model, config, params: dict[str, np.ndarray], online: Sequence[str] = ()):
     """A model of ``config`` (same family and dtype) holding ``params``; the static settings of
-    ``model``'s linears and attention layers (transforms, quantizers) are kept, and the linears named in ``online`` (in every block) rotate
-    their inputs online."""
+    ``model``'s linears and attention layers (transforms, quantizers) are kept, and the linears
+    named in ``online`` (in every block) rotate their inputs online."""
     from jquant.models.layers import Linear
     from jquant.models.llama import Attention, abstract_model
 

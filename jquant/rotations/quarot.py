@@ -98,9 +98,13 @@ def rotate(model, spec: RotationSpec):
     if spec.kind == "learned":
         raise SpecError("rotation kind='learned' needs calibration text: use jquant.rotations.spinquant."
                         "learn_rotations, then fuse_rotations (jquant quantize does both)")
-    c = model.config
-    k1, k2 = jax.random.split(jax.random.key(spec.seed))
-    r1 = rotation_matrix(c.hidden_size, spec.kind, k1) if spec.r1 else None
-    r2 = (np.stack([rotation_matrix(c.head_dim, spec.kind, k) for k in jax.random.split(k2, c.num_hidden_layers)])
-          if spec.r2 else None)
-    return fuse_rotations(model, r1=r1, r2=r2, online=spec.online)
+    r1, r2 = random_rotations(model.config, spec.kind, spec.seed)
+    return fuse_rotations(model, r1=r1 if spec.r1 else None, r2=r2 if spec.r2 else None, online=spec.online)
+
+
+def random_rotations(config, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """R1 ``(hidden, hidden)`` and R2 ``(layers, head_dim, head_dim)`` (float64) of
+    :func:`rotation_matrix` from ``seed``: what :func:`rotate` fuses, and where learning starts."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    r2 = np.stack([rotation_matrix(config.head_dim, kind, k) for k in jax.random.split(k2, config.num_hidden_layers)])
+    return rotation_matrix(config.hidden_size, kind, k1), r2

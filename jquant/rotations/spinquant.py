@@ -24,7 +24,7 @@ from flax import nnx
 
 from jquant.errors import DataError, SpecError
 from jquant.rotations.fuse import _params, fold_norms, fuse_rotations, rotate_params
-from jquant.rotations.quarot import rotation_matrix
+from jquant.rotations.quarot import random_rotations
 from jquant.spec import QuantSpec, compile_rules, match, path_str
 
 
@@ -125,10 +125,8 @@ def learn_rotations(model, tokens, *, weight_rules: Sequence = (), steps: int = 
         lr_ = jax.lax.stop_gradient(jax.nn.log_softmax(plain(batch)[0].astype(jnp.float32), -1))
         return jnp.mean(jnp.sum(jnp.exp(lr_) * (lr_ - lq), -1))
 
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    rs = {"r1": jnp.asarray(rotation_matrix(c.hidden_size, kind, k1), jnp.float32),
-          "r2": jnp.asarray(np.stack([rotation_matrix(c.head_dim, kind, k)
-                                      for k in jax.random.split(k2, c.num_hidden_layers)]), jnp.float32)}
+    r1, r2 = random_rotations(c, kind, seed)
+    rs = {"r1": jnp.asarray(r1, jnp.float32), "r2": jnp.asarray(r2, jnp.float32)}
     opt = cayley_sgd(optax.cosine_decay_schedule(learning_rate, steps))
     opt_state = opt.init(rs)
 
