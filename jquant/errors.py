@@ -37,6 +37,11 @@ class UnsupportedModelError(JQuantError):
     """A model architecture or config the converters do not support."""
 
 
+class FormatError(JQuantError, ValueError):
+    """A quantized tensor a checkpoint format cannot express (bits, grid, layout), or a
+    pre-quantized checkpoint whose tensors disagree with its quantization config."""
+
+
 class DataError(JQuantError, ValueError):
     """Calibration / evaluation data that cannot serve (too short, out of vocabulary, missing)."""
 

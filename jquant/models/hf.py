@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant.errors import CheckpointError, UnsupportedModelError
+from jquant.errors import CheckpointError, FormatError, UnsupportedModelError
 from jquant.models._values import MAX_SIZE, finite, short
 from jquant.models.layers import is_qtensor
 from jquant.models.gemma import Gemma3Config
@@ -306,12 +306,20 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
         raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers={config.num_hidden_layers}, but the "
                               f"checkpoint has tensors for {len(layers)} layer(s) ({short(sorted(layers))})")
     model = abstract_model(config, dtype=dtype)
+    qreader = _quantized_reader(path)
+    quantized: dict[tuple, tuple[str, dict[str, tuple[Path, _Entry]]]] = {}  # kernel path -> (module, parts)
     plan: dict[Path, list[tuple[str, nnx.Variable, tuple]]] = {f: [] for f in files}
     for f, entries in headers.items():
         for name, e in entries.items():
             if _IGNORED.search(name):
                 continue
             p = hf_name_to_path(name)
+            if p is None and qreader is not None and "." in name:  # a packed tensor of a quantized linear?
+                module, suffix = name.rsplit(".", 1)
+                qp = hf_name_to_path(module + ".weight")
+                if suffix in qreader.suffixes and qp is not None and _is_kernel(qp):
+                    quantized.setdefault(qp, (module, {}))[1][suffix] = (f, e)
+                    continue
             if p is None:
                 raise CheckpointError(
                     f"{f}: unexpected tensor {name!r} {e.shape}: not part of a {config.model_type} "
@@ -336,6 +344,19 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
                     f"{f}: tensor {name!r} has shape {e.shape}, but config.json implies {want}")
             plan[f].append((name, var, p))
     loaded = {p for items in plan.values() for _, _, p in items}
+    for qp, (module, parts) in quantized.items():
+        if qp in loaded:
+            raise CheckpointError(f"{path}: {module} is stored both as a float weight and quantized "
+                                  f"({', '.join(sorted(parts))})")
+        try:
+            _get_variable(model, qp)
+        except KeyError:
+            raise CheckpointError(f"{path}: unexpected quantized module {module!r}: the config has no parameter "
+                                  f"{'/'.join(map(str, qp))}") from None
+        if qp[0] == "lm_head" and config.tie_word_embeddings:
+            raise CheckpointError(f"{path}: {module} is stored quantized, but tie_word_embeddings is set (the "
+                                  "head is the embedding)")
+        loaded.add(qp)
     missing = [v_path for v_path, _ in _iter_param_paths(model) if v_path not in loaded]
     if missing:
         names = ", ".join(path_to_hf_name(p) for p in missing[:8])
@@ -348,7 +369,33 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
             if _is_kernel(p):
                 arr = arr.T
             var.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))
+    for qp, (module, parts) in quantized.items():
+        var = _get_variable(model, qp)
+        scheme = qreader.scheme_of(module)
+        if scheme is None:
+            raise FormatError(f"{path}: {module} is stored quantized ({', '.join(sorted(parts))}), but the "
+                              "quantization_config leaves it in float")
+        t = {}
+        for suffix, (f, e) in parts.items():
+            name = f"{module}.{suffix}"
+            for _, arr in _read_tensors(f, [name], {name: e.dtype}):
+                if e.dtype in _FLOAT:
+                    finite(arr, f"{f}: tensor {name!r} ({e.dtype})")
+                t[suffix] = arr
+        want = tuple(var.get_value().shape)
+        var.set_value(qreader.from_tensors(t, scheme, want, name=f"{path.name}/{module}", dtype=dtype))
     return model, config
+
+
+def _quantized_reader(path: Path):
+    """The interop reader of a pre-quantized checkpoint (``quantization_config`` in its
+    ``config.json``), or None for a float one."""
+    qc = _read_json(path / "config.json", "config.json").get("quantization_config")
+    if qc is None:
+        return None
+    from jquant.interop import reader
+
+    return reader(qc, f"{path / 'config.json'}: quantization_config")
 
 
 def _iter_param_paths(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
