@@ -105,7 +105,7 @@ def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=N
     from safetensors.numpy import save_file
 
     from jquant import __version__
-    from jquant.models.hf import SINGLE_FILE, _is_kernel, _iter_param_paths, path_to_hf_name
+    from jquant.models.hf import INDEX_FILE, SINGLE_FILE, _is_kernel, _iter_param_paths, path_to_hf_name
     from jquant.qtensor import QTensor
 
     if fmt not in EXPORT_FORMATS:
@@ -172,7 +172,11 @@ def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=N
             (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():  # files replaced one by one: whatever else the directory holds stays
+        if path.exists():  # files replaced one by one: what else the directory holds stays, but for
+            # the weights and configs of an earlier export, which would contradict this one
+            for f in [*path.glob("model*.safetensors"), path / INDEX_FILE, path / "quantize_config.json"]:
+                if f.is_file() and not (tmp / f.name).exists():
+                    f.unlink()
             for f in tmp.iterdir():
                 os.replace(f, path / f.name)
         else:

@@ -383,7 +383,8 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
                     finite(arr, f"{f}: tensor {name!r} ({e.dtype})")
                 t[suffix] = arr
         want = tuple(var.get_value().shape)
-        var.set_value(qreader.from_tensors(t, scheme, want, name=f"{path.name}/{module}", dtype=dtype))
+        files = sorted({str(f) for f, _ in parts.values()})
+        var.set_value(qreader.from_tensors(t, scheme, want, name=f"{', '.join(files)}: {module}", dtype=dtype))
     return model, config
 
 
