@@ -79,6 +79,7 @@ class GGUFFile:
         self.size = len(self._buf)
         self._pos = 0
         self.fields: dict[str, Any] = {}
+        self.field_types: dict[str, tuple[int, int | None]] = {}  # key -> (GGUF value type, array element type)
         self.tensors: list[TensorInfo] = []
         self._parse()
 
@@ -158,6 +159,8 @@ class GGUFFile:
         type_pos = self._pos
         if vtype is None:
             vtype = self._unpack("<I", f"type of {key!r}")
+        if not in_array:
+            self.field_types[key] = (vtype, None)
         if vtype in _SCALARS:
             dt = _SCALARS[vtype]
             self._need(dt.itemsize, f"value of {key!r}")
@@ -168,6 +171,7 @@ class GGUFFile:
             return self._string(f"value of {key!r}")
         if vtype == _ARRAY and not in_array:
             itype = self._unpack("<I", f"element type of array {key!r}")
+            self.field_types[key] = (vtype, itype)
             if itype in _SCALARS:
                 dt = _SCALARS[itype]
                 n = self._count(f"{_TYPE_NAMES[itype]} elements of array {key!r}", dt.itemsize)

