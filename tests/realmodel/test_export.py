@@ -1,0 +1,95 @@
+"""Exports of the real default model through the CLI: GGUF Q4_K read back has jquant's own
+Q4_K perplexity; a GPTQ export loads back into the same QTensors; llama.cpp (when a build
+is installed) runs the GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.tree_util import Partial
+
+import jquant as jq
+from jquant import cli, data, evaluate, models
+
+pytestmark = pytest.mark.realmodel
+
+
+def _restored(out):
+    """The quantized model of a ``jquant quantize`` directory, as ``jquant eval`` rebuilds it."""
+    manifest = json.load(open(os.path.join(out, "jquant.json")))
+    model, config, tok, _, _ = cli._load_model(manifest["model"], manifest["dtype"])
+    gd, st = cli._quantized_state(model, manifest, out)
+    return nnx.merge(gd, st), config, tok
+
+
+def _ppl(model, tokens, bos):
+    gd, st = nnx.split(model)
+    return evaluate.perplexity(Partial(lambda s, t: nnx.merge(gd, s)(t)[0], st), tokens, seq_len=256,
+                               batch_size=2, max_windows=4, bos=bos).ppl
+
+
+def test_gguf_q4_k_export_has_jquants_perplexity(tmp_path, capsys):
+    out, gg = str(tmp_path / "q4k"), str(tmp_path / "smol_q4k.gguf")
+    assert cli.main(["quantize", "--recipe", "q4_k", "--out", out, "--quiet"]) == 0
+    assert cli.main(["export", out, "--format", "gguf", "--out", gg]) == 0
+    assert "copied from SmolLM2" in capsys.readouterr().out
+    qm, config, tok = _restored(out)
+    back, _, tok2 = models.load(gg)
+    for a, b in zip(jax.tree_util.tree_leaves(jq.dequantize_tree(nnx.state(qm))),
+                    jax.tree_util.tree_leaves(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text = data.load_text("fortunes")[:60000]
+    tokens = data.tokenize(tok, text, config.vocab_size)
+    np.testing.assert_array_equal(tokens, data.tokenize(tok2, text, config.vocab_size))  # the tokenizer came along
+    bos = data.bos_token(tok)
+    ours, theirs = _ppl(qm, tokens, bos), _ppl(back, tokens, bos)
+    assert 5 < ours < 200 and abs(theirs / ours - 1) < 1e-5, (ours, theirs)
+    assert cli.main(["export", out, "--format", "gguf", "--out", gg]) == 1  # no silent overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+def test_gptq_export_of_the_default_model_loads_back(tmp_path, capsys):
+    out, ex = str(tmp_path / "rtn"), str(tmp_path / "gptq")
+    assert cli.main(["quantize", "--recipe", "rtn_w4_g64", "--out", out, "--quiet"]) == 0
+    assert cli.main(["export", out, "--format", "gptq", "--out", ex, "--float-type", "F16"]) == 0
+    printed = capsys.readouterr().out
+    assert "210 quantized linear(s)" in printed and "vllm serve" in printed
+    qc = json.load(open(os.path.join(ex, "config.json")))["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["checkpoint_format"]) == (4, 64, False, "gptq")  # the recipe is asymmetric
+    qm, _, _ = _restored(out)
+    back, _, tok = models.load(ex)
+    assert tok is not None
+    for p in ("layers/0/self_attn/q_proj/kernel", "layers/29/mlp/down_proj/kernel"):
+        a = nnx.state(qm)
+        b = nnx.state(back)
+        for k in p.split("/"):
+            a, b = a[int(k) if k.isdigit() else k], b[int(k) if k.isdigit() else k]
+        np.testing.assert_array_equal(np.asarray(a.get_value().dequantize()), np.asarray(b.get_value().dequantize()))
+    assert cli.main(["export", out, "--format", "exl2", "--out", ex]) == 2
+    assert "valid: gptq, gptq_v2, awq, compressed-tensors, gguf" in capsys.readouterr().err
+    assert cli.main(["export", out, "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 1
+    assert "GGUF holds GGML block types" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_exported_gguf(tmp_path):
+    """llama.cpp's own loader and kernels on our Q4_K export: its next-token choices agree
+    with jquant's on real text (needs ``llama-cpp-python``, built from source: not in CI)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out, gg = str(tmp_path / "q4k"), str(tmp_path / "smol_q4k.gguf")
+    assert cli.main(["quantize", "--recipe", "q4_k", "--out", out, "--quiet"]) == 0
+    assert cli.main(["export", out, "--format", "gguf", "--out", gg]) == 0
+    llm = llama_cpp.Llama(model_path=gg, n_ctx=256, logits_all=True, verbose=False)
+    qm, config, tok = _restored(out)
+    ids = tok(data.load_text("fortunes")[:2000])["input_ids"][:128]
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)], np.float32)
+    ours = np.asarray(qm(np.asarray(ids)[None])[0][0])
+    agree = float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))
+    assert agree > 0.95, agree
+    assert np.abs(theirs - ours).max() < 0.5
