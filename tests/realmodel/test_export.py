@@ -93,3 +93,24 @@ def test_llama_cpp_runs_the_exported_gguf(tmp_path):
     agree = float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))
     assert agree > 0.95, agree
     assert np.abs(theirs - ours).max() < 0.5
+
+
+def test_import_of_an_exported_checkpoint_evaluates_like_the_original(tmp_path, capsys):
+    """quantize → export (AWQ) → import against the float model → eval: the same numbers as
+    evaluating the original directory (the same weights went through another tool's format)."""
+    out, ex, imp = str(tmp_path / "rtn"), str(tmp_path / "awq"), str(tmp_path / "imp")
+    assert cli.main(["quantize", "--recipe", "rtn_w4_g64", "--out", out, "--quiet"]) == 0
+    assert cli.main(["export", out, "--format", "awq", "--out", ex]) == 0
+    assert cli.main(["import", ex, "--out", imp, "--reference", "smollm2-135m"]) == 0
+    assert "imported 210 quantized leaves" in capsys.readouterr().out
+    args = ["--text", "licenses", "--seq-len", "128", "--max-windows", "2", "--quiet"]
+    assert cli.main(["eval", out, *args]) == 0 and cli.main(["eval", imp, *args]) == 0
+    a = json.load(open(os.path.join(out, "eval_licenses.json")))
+    b = json.load(open(os.path.join(imp, "eval_licenses.json")))
+    assert b["manifest"]["recipe"]["name"] == "imported-awq"
+    assert a["float_ppl"] == b["float_ppl"]
+    assert abs(a["quant_ppl"] / b["quant_ppl"] - 1) < 1e-6 and abs(a["kl"] - b["kl"]) < 1e-6
+    assert cli.main(["import", out + "/params", "--out", str(tmp_path / "bad")]) == 1  # not a model directory
+    capsys.readouterr()
+    assert cli.main(["import", "smollm2-135m", "--out", str(tmp_path / "bad")]) == 2  # a float model
+    assert "holds no quantized tensor" in capsys.readouterr().err
