@@ -78,21 +78,38 @@ def test_gptq_export_of_the_default_model_loads_back(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_llama_cpp_runs_the_exported_gguf(tmp_path):
-    """llama.cpp's own loader and kernels on our Q4_K export: its next-token choices agree
-    with jquant's on real text (needs ``llama-cpp-python``, built from source: not in CI)."""
+    """llama.cpp's own loader and kernels on our Q4_K export (needs ``llama-cpp-python``, built
+    from source: not in CI). llama.cpp also quantizes the activations of its dot products, so
+    its logits differ from any float evaluation: the measure is that it differs from jquant on
+    our file no more than on the shipped file, and that their perplexities agree."""
     llama_cpp = pytest.importorskip("llama_cpp")
     out, gg = str(tmp_path / "q4k"), str(tmp_path / "smol_q4k.gguf")
     assert cli.main(["quantize", "--recipe", "q4_k", "--out", out, "--quiet"]) == 0
     assert cli.main(["export", out, "--format", "gguf", "--out", gg]) == 0
-    llm = llama_cpp.Llama(model_path=gg, n_ctx=256, logits_all=True, verbose=False)
     qm, config, tok = _restored(out)
-    ids = tok(data.load_text("fortunes")[:2000])["input_ids"][:128]
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[: len(ids)], np.float32)
+    fm, _, _ = models.load(None)
+    ids = tok(data.load_text("fortunes")[:4000])["input_ids"][:256]
+
+    def llama_cpp_logits(path):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)], np.float32)
+
+    def nll(logits):
+        z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(ids) - 1), ids[1:]]))
+
     ours = np.asarray(qm(np.asarray(ids)[None])[0][0])
+    theirs = llama_cpp_logits(gg)
+    shipped = np.asarray(fm(np.asarray(ids)[None])[0][0])
+    shipped_theirs = llama_cpp_logits(models.default_model_path())
     agree = float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))
-    assert agree > 0.95, agree
-    assert np.abs(theirs - ours).max() < 0.5
+    # llama.cpp vs jquant on the shipped file is the control for how far two correct evaluations
+    # of one GGUF drift apart (measured: NLL 4.045 vs 4.039 shipped, 4.070 vs 4.065 exported,
+    # 95% equal next-token choices); a q/k row order or block layout error costs far more.
+    drift = abs(nll(theirs) / nll(ours) - 1)
+    control = abs(nll(shipped_theirs) / nll(shipped) - 1)
+    assert agree > 0.9 and drift < max(2 * control, 0.005), (agree, nll(theirs), nll(ours), control)
 
 
 def test_import_of_an_exported_checkpoint_evaluates_like_the_original(tmp_path, capsys):
