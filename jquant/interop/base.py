@@ -108,11 +108,13 @@ def int_parts(qt, name: str, *, fmt: str) -> IntParts:
 
 
 def int_qtensor(codes, scale, zero, g_idx, *, bits: int, group_size: int, dtype, method: str,
-                name: str) -> QTensor:
+                name: str, packed=None, shape: tuple[int, int] | None = None) -> QTensor:
     """A QTensor holding exactly ``(codes - zero[g_idx]) * scale[g_idx]``.
 
     Args:
-      codes: ``(K, N)`` integers in ``[0, 2**bits)``.
+      codes: ``(K, N)`` integers in ``[0, 2**bits)``; or None with ``packed``, the codes
+        already in jquant's packing (``uint32`` words along K: GPTQ's ``qweight``) and ``shape``
+        ``(K, N)``, taken as they are (no unpacking).
       scale: ``(G, N)`` floats, kept in their dtype (the QTensor's ``scale_dtype``).
       zero: ``(G, N)`` integers; all ``2**(bits-1)`` makes a symmetric QTensor (no zero stored).
       g_idx: ``(K,)`` group of every input row, or None for ``arange(K) // group_size``;
@@ -124,15 +126,22 @@ def int_qtensor(codes, scale, zero, g_idx, *, bits: int, group_size: int, dtype,
       FormatError: values outside what the QTensor can hold (codes or zeros out of range,
         group indices out of range, shapes that disagree).
     """
-    codes = np.asarray(codes)
     scale = np.asarray(scale)
     zero = np.asarray(zero)
-    K, N = codes.shape
+    if packed is not None:
+        K, N = shape
+        words = packing.packed_length(K, bits)
+        packed = np.asarray(packed).view(np.uint32)
+        if packed.shape != (words, N):
+            raise FormatError(f"{name}: packed codes {packed.shape}; {bits}-bit ({K}, {N}) codes take {(words, N)}")
+    else:
+        codes = np.asarray(codes)
+        K, N = codes.shape
     G = 1 if group_size == -1 else -(-K // group_size)
     if scale.shape != (G, N) or zero.shape != (G, N):
         raise FormatError(f"{name}: scales {scale.shape} and zeros {zero.shape} must both be {(G, N)} for a "
                           f"({K}, {N}) weight with group size {group_size}")
-    if codes.size and int(codes.max()) >= 2 ** bits:
+    if packed is None and codes.size and int(codes.max()) >= 2 ** bits:
         raise FormatError(f"{name}: codes reach {int(codes.max())}; {bits}-bit codes lie in [0, {2 ** bits})")
     if zero.size and (int(zero.min()) < 0 or int(zero.max()) > 255):
         raise FormatError(f"{name}: zero points in [{int(zero.min())}, {int(zero.max())}]; valid: [0, 255]")
@@ -148,9 +157,10 @@ def int_qtensor(codes, scale, zero, g_idx, *, bits: int, group_size: int, dtype,
             g_idx = None
     sym = bool(zero.size) and bool(np.all(zero == 2 ** (bits - 1)))
     grid = Grid("int", bits, sym, False, "int", jnp.dtype(scale.dtype).name)
-    packed = packing.pack(codes, bits, axis=0)
+    if packed is None:
+        packed = packing.pack(codes, bits, axis=0)
     return QTensor(
-        codes=packed, scale=jnp.asarray(scale), zero=None if sym else jnp.asarray(zero.astype(np.uint8)),
+        codes=jnp.asarray(packed), scale=jnp.asarray(scale), zero=None if sym else jnp.asarray(zero.astype(np.uint8)),
         g_idx=None if g_idx is None else jnp.asarray(g_idx.astype(np.int32)), shape=(K, N),
         dtype=jnp.dtype(dtype).name, grid=grid, granularity="channel" if group_size == -1 else "group",
         group_size=K if group_size == -1 else group_size, axis=0, method=method)

@@ -103,8 +103,7 @@ def from_tensors(t: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int
     if ws is not None and [int(v) for v in np.asarray(ws).reshape(-1)] != [N, K]:
         raise FormatError(f"{name}.weight_shape: {np.asarray(ws).tolist()}, but the model config implies {[N, K]}")
     n_block = 32 // math.gcd(bits, 32)
-    words = _fit(np.asarray(t["weight_packed"]).T, -(-K // n_block) * (bits // math.gcd(bits, 32)), 0)
-    codes = unpack_np(words, bits, K, axis=0)
+    words = np.ascontiguousarray(_fit(np.asarray(t["weight_packed"]).T, -(-K // n_block) * (bits // math.gcd(bits, 32)), 0))
     scale = np.ascontiguousarray(np.asarray(t["weight_scale"]).T)
     if scheme.sym:
         zero = np.full((G, N), 2 ** (bits - 1), np.int32)
@@ -116,7 +115,8 @@ def from_tensors(t: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int
         g_idx = np.asarray(g_idx)
         if g_idx.shape != (K,) or g_idx.dtype.kind not in "iu":
             raise FormatError(f"{name}.weight_g_idx: {g_idx.dtype} {g_idx.shape}; valid: int32 ({K},)")
-    return int_qtensor(codes, scale, zero, g_idx, bits=bits, group_size=gs, dtype=dtype, method="rtn", name=name)
+    return int_qtensor(None, scale, zero, g_idx, bits=bits, group_size=gs, dtype=dtype, method="rtn", name=name,
+                       packed=words, shape=(K, N))
 
 
 def _weights_args(s: Scheme, scale_dtype: str) -> dict:

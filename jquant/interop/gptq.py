@@ -114,7 +114,6 @@ def from_tensors(t: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int
         if not scheme.desc_act and not np.array_equal(g_idx, contiguous_g_idx(K, gs)):
             # GPTQ kernels without act-order ignore g_idx; read it as they do.
             g_idx = None
-    codes = unpack_np(t["qweight"], bits, K, axis=0)
     zero = unpack_np(t["qzeros"], bits, N, axis=1).astype(np.int32)
     if checkpoint_format == "gptq":
         zero = zero + 1  # v1: zero - 1 was stored
@@ -123,8 +122,9 @@ def from_tensors(t: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int
     elif checkpoint_format != "gptq_v2":
         raise FormatError(f"{name}: checkpoint_format {checkpoint_format!r} unknown; valid: "
                           f"{', '.join(CHECKPOINT_FORMATS)}")
-    return int_qtensor(codes, t["scales"], zero, g_idx, bits=bits, group_size=gs, dtype=dtype, method="gptq",
-                       name=name)
+    # qweight is jquant's own packing (the same little-endian bit stream along K): taken as is
+    return int_qtensor(None, t["scales"], zero, g_idx, bits=bits, group_size=gs, dtype=dtype, method="gptq",
+                       name=name, packed=t["qweight"], shape=(K, N))
 
 
 # ---------------------------------------------------------------------------------------
