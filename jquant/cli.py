@@ -144,7 +144,7 @@ def cmd_quantize(args) -> int:
     data_driven = any(needs_data(sp) for _, sp in recipe.rules)
     learned = recipe.rotation is not None and recipe.rotation.kind == "learned"
     cal = None
-    if data_driven or learned:  # the calibration settings are checked before any work
+    if data_driven or learned or recipe.qat is not None:  # the calibration settings are checked before any work
         cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
         for key, value in (("text", args.calib_text), ("windows", args.calib_windows),
                            ("seq_len", args.calib_seq_len)):
@@ -187,11 +187,27 @@ def cmd_quantize(args) -> int:
         seen.extend(x.path for x in jq.summary(qstate).quantized if not x.path.startswith("layers/"))
         calib_info = {**cal, "layers": [dataclasses.asdict(e) for e in logs]}
         write_json(os.path.join(out, "layers.json"), calib_info)
-    else:
+    elif recipe.qat is None:
         qstate = jq.quantize_tree(state, recipe.rules, progress=progress)
+    if recipe.qat is not None:  # training with the quantizer in the loop, from the RTN / GPTQ result
+        from jquant import qat
+
+        bar.close()
+        init = None
+        if data_driven:
+            init = {jq.path_str(kp): leaf for kp, leaf in
+                    jax.tree_util.tree_flatten_with_path(qstate, is_leaf=jq.is_qtensor)[0] if jq.is_qtensor(leaf)}
+        t_qat = time.perf_counter()
+        res = qat.train(model, toks, recipe.rules, recipe.qat, work_dir=os.path.join(out, "qat"), init=init,
+                        progress=not args.quiet)
+        qstate = res.state
+        stages["qat"] = time.perf_counter() - t_qat
+        calib_info = {**(calib_info or cal), "qat": {"losses": res.losses, "evals": res.evals,
+                                                     "tokens_per_second": res.tokens_per_second}}
+        write_json(os.path.join(out, "layers.json"), calib_info)
     jax.block_until_ready(jax.tree_util.tree_leaves(qstate))
     t_quant = time.perf_counter() - t0
-    if not data_driven:
+    if not data_driven and recipe.qat is None:
         bar.update(n_leaves - bar.n)
         bar.close()
     t1 = time.perf_counter()

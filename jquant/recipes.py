@@ -24,6 +24,7 @@ import yaml
 
 from jquant.activations import ActQuantSpec
 from jquant.errors import SpecError, short
+from jquant.qat.train import QATConfig
 from jquant.rotations.quarot import RotationSpec
 from jquant.spec import QuantSpec, Rule
 
@@ -39,6 +40,7 @@ class Recipe:
     activations: tuple[tuple[str, ActQuantSpec | None], ...] = ()  # quantizers of linears' inputs
     kv_cache: ActQuantSpec | None = None  # quantizer of attention's keys and values
     rotation: RotationSpec | None = None  # rotations fused before quantizing (QuaRot)
+    qat: QATConfig | None = None  # quantization-aware training of the rules' kernels
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "description": self.description, "calibration": dict(self.calibration),
@@ -49,6 +51,8 @@ class Recipe:
             d["kv_cache"] = self.kv_cache.to_dict()
         if self.rotation is not None:
             d["rotation"] = self.rotation.to_dict()
+        if self.qat is not None:
+            d["qat"] = self.qat.to_dict()
         return d
 
 
@@ -59,7 +63,7 @@ def available() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache", "rotation")
+RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache", "rotation", "qat")
 RULE_KEYS = ("pattern", "spec")
 # Calibration settings of data-driven recipes: key -> (type, lowest valid value or None).
 CALIBRATION_KEYS = {"text": (str, None), "windows": (int, 1), "seq_len": (int, 2), "seed": (int, 0),
@@ -118,7 +122,8 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
                   activations=_activation_rules(d.get("activations"), source),
                   kv_cache=_section(ActQuantSpec, d.get("kv_cache"), f"{source}: kv_cache"),
-                  rotation=_section(RotationSpec, d.get("rotation"), f"{source}: rotation"))
+                  rotation=_section(RotationSpec, d.get("rotation"), f"{source}: rotation"),
+                  qat=_section(QATConfig, d.get("qat"), f"{source}: qat"))
 
 
 def _section(cls, d, where: str):

@@ -84,3 +84,13 @@ def test_hostile_recipe_files(tmp_path, text, match):
     with pytest.raises(SpecError, match=match) as info:
         recipes.load_recipe(str(f))
     assert "r.yaml" in str(info.value) and len(str(info.value)) < 2000
+
+
+def test_qat_section():
+    r = recipes.load_recipe("qat_w2_g32")
+    assert r.qat.steps == 200 and r.qat.objective == "kl" and r.rules[0][1].bits == 2
+    assert recipes.recipe_from_dict(r.to_dict(), "again") == r
+    with pytest.raises(SpecError, match=r"qat: unknown qat settings key\(s\) \['step'\]"):
+        recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"step": 3}}, "doc")
+    with pytest.raises(SpecError, match=r"qat: QAT objective='mse'; valid: kl, ce"):
+        recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"objective": "mse"}}, "doc")

@@ -102,6 +102,16 @@ class QATConfig:
         if self.warmup_steps >= self.steps and self.warmup_steps:
             raise SpecError(f"QAT warmup_steps={self.warmup_steps} must be below steps={self.steps}")
 
+    @classmethod
+    def from_dict(cls, d) -> QATConfig:
+        """From a recipe's ``qat:`` mapping (a misspelt key is an error)."""
+        from jquant.errors import settings_from_dict
+
+        return settings_from_dict(cls, d, "qat settings")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 @dataclasses.dataclass
 class QATResult:
@@ -141,6 +151,7 @@ def _split(model, rules, init):
     treedef = jax.tree_util.tree_structure(state)
     params = {p: jnp.asarray(v, jnp.float32) for p, (_, v) in zip(paths, flat)}
     lsq, ste, qparams = {}, {}, {}
+    start = dict(params)
     for p in paths:
         _, spec = match(p, compiled)
         if spec is None or not p.endswith("kernel"):
@@ -151,8 +162,11 @@ def _split(model, rules, init):
             ste[p] = spec
             continue
         lsq[p] = spec
-        qparams[p] = init_params(params[p], spec, (init or {}).get(p))
-    return graphdef, treedef, paths, params, lsq, ste, qparams, state
+        qt = (init or {}).get(p)
+        qparams[p] = init_params(params[p], spec, qt)
+        if qt is not None:  # start from that result exactly: its values sit on its own grid
+            start[p] = jnp.asarray(qt.dequantize(jnp.float32))
+    return graphdef, treedef, paths, params, start, lsq, ste, qparams, state
 
 
 def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, work_dir: str | None = None,
@@ -167,7 +181,9 @@ def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, wo
       config: :class:`QATConfig`.
       work_dir: checkpoints (resumed from when it holds one of the same run).
       eval_tokens: int32 ``(m, seq_len)`` held-out windows for ``eval_every``.
-      init: ``{path: QTensor}`` starting quantizers (e.g. GPTQ's result) instead of RTN's.
+      init: ``{path: QTensor}`` starting points (e.g. GPTQ's result) instead of RTN's: the
+        kernel starts at the QTensor's values and its scales and zeros at the QTensor's (the
+        distillation target stays the float model).
       progress: a tqdm bar with the loss and tokens/s.
       on_step: called as ``on_step(step, loss)`` after every step.
     Returns:
@@ -192,10 +208,9 @@ def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, wo
     if n_dev > 1 and config.batch_size % n_dev:
         raise SpecError(f"QAT batch_size={config.batch_size} must be a multiple of the {n_dev} devices "
                         "(the batch is split across them)")
-    graphdef, treedef, paths, params, lsq, ste, qparams, state0 = _split(model, rules, init)
+    graphdef, treedef, paths, frozen_float, params, lsq, ste, qparams, state0 = _split(model, rules, init)
     if not lsq and not ste:
         raise SpecError("QAT: no rule quantizes any kernel of the model")
-    frozen_float = {p: v for p, v in params.items()}
     dtype = model.dtype if hasattr(model, "dtype") else jnp.float32
     trainable = {"w": params if config.train == "all" else {}, "q": qparams}
     fixed = {} if config.train == "all" else params
