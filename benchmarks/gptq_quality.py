@@ -76,6 +76,14 @@ _A4KV4 = {"activations": [{"pattern": LINEARS, "spec": {"bits": 4, "symmetric": 
           "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95}}
 _EXTRA = {"A4KV4": _A4KV4, "A4KV4+had": {**_A4KV4, "rotation": {"kind": "hadamard"}},
           "A4KV4+learned": {**_A4KV4, "rotation": {"kind": "learned", "steps": 30, "batch_size": 4}}}
+# Quantization-aware training (jquant.qat): LSQ scales and zeros plus the weights, distilled from
+# the float model (KL) on the calibration windows (selfgen text, 256-token windows).
+_QAT = {"steps": 120, "learning_rate": 5e-5, "scale_learning_rate": 1e-4, "warmup_steps": 10, "batch_size": 4,
+        "objective": "kl", "checkpoint_every": 10}
+VARIANTS["qat_w2"] = ("W2 g32", "QAT from RTN (MSE clipping), 120 steps of 4x128", _rtn(2, 32, "mse"),
+                      {"qat": _QAT, "calibration": {"windows": 64, "seq_len": 128}})
+VARIANTS["qat_w3"] = ("W3 g64", "QAT from RTN (MSE clipping), 120 steps of 4x128", _rtn(3, 64, "mse"),
+                      {"qat": _QAT, "calibration": {"windows": 64, "seq_len": 128}})
 VARIANTS["w4a4kv4_learned"] = ("W4A4KV4", "GPTQ per channel + act-order, learned rotation (SpinQuant, 30 steps)",
                                _gptq(4, None, act_order=True), "A4KV4+learned")
 
@@ -108,10 +116,12 @@ def write_selfgen_text(path: str, n_batches: int = 4, batch: int = 16, new_token
 
 
 def _recipe_yaml(name: str, spec: dict, text: str, windows: int, extra=None) -> str:
+    extra = dict((_EXTRA[extra] if isinstance(extra, str) else extra) or {})
+    cal = extra.pop("calibration", {})
     out = {"name": name, "description": "benchmarks/gptq_quality.py row",
-           "rules": [{"pattern": LINEARS, "spec": spec}], **((_EXTRA[extra] if isinstance(extra, str) else extra) or {})}
-    if spec.get("method") == "gptq":
-        out["calibration"] = {"text": text, "windows": windows, "seq_len": 512, "seed": 0, "batch_size": 8}
+           "rules": [{"pattern": LINEARS, "spec": spec}], **extra}
+    if spec.get("method") == "gptq" or "qat" in out or cal:
+        out["calibration"] = {"text": text, "windows": windows, "seq_len": 512, "seed": 0, "batch_size": 8, **cal}
     return json.dumps(out)  # YAML is a superset of JSON
 
 
@@ -134,7 +144,11 @@ def main() -> int:
         ap.error(f"unknown rows {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
     text = os.path.abspath(os.path.join(args.out, "selfgen.txt"))
-    if not os.path.isfile(text) and any(VARIANTS[n][2].get("method") == "gptq" for n in names):
+    def calibrated(n):
+        extra = VARIANTS[n][3] if len(VARIANTS[n]) > 3 else None
+        return VARIANTS[n][2].get("method") == "gptq" or (isinstance(extra, dict) and "qat" in extra)
+
+    if not os.path.isfile(text) and any(calibrated(n) for n in names):
         print(f"writing the calibration text {text}", flush=True)
         write_selfgen_text(text, model_name=args.model)
     jq = [sys.executable, "-m", "jquant.cli"]

@@ -228,15 +228,21 @@ def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, wo
             out[k] = w
         return out
 
-    def logits(p, batch):
+    # The teacher is the float model: the same weights without the activation / KV-cache
+    # quantizers a recipe may have placed (weight + activation QAT, e.g. W4A8).
+    from jquant.activations import set_quantizers
+
+    teacher_gd = nnx.split(set_quantizers(model)[0])[0]
+
+    def logits(p, batch, gd=graphdef):
         st = jax.tree_util.tree_unflatten(treedef, [p[k].astype(dtype) for k in paths])
-        return nnx.merge(graphdef, st)(batch)[0].astype(jnp.float32)
+        return nnx.merge(gd, st)(batch)[0].astype(jnp.float32)
 
     def loss_fn(tr, batch):
         lq = jax.nn.log_softmax(logits(weights(tr), batch), -1)
         if config.objective == "ce":
             return -jnp.mean(jnp.take_along_axis(lq[:, :-1], batch[:, 1:, None], -1))
-        lr_ = jax.lax.stop_gradient(jax.nn.log_softmax(logits(frozen_float, batch), -1))
+        lr_ = jax.lax.stop_gradient(jax.nn.log_softmax(logits(frozen_float, batch, teacher_gd), -1))
         return jnp.mean(jnp.sum(jnp.exp(lr_) * (lr_ - lq), -1))
 
     def schedule(peak):

@@ -135,3 +135,16 @@ def test_data_parallel_on_8_devices_equals_one_device(tmp_path):
     single = train(_model(), _tokens(), W2, QATConfig(steps=3, learning_rate=1e-3, scale_learning_rate=1e-2,
                                                       batch_size=8, checkpoint_every=0))
     np.testing.assert_allclose(np.load(out), single.losses, rtol=2e-5)
+
+
+def test_weight_and_activation_qat_distils_from_the_float_model():
+    """W8A4: the model runs with 4-bit activation quantizers placed; the teacher is the float
+    model without them, so the loss measures what activation quantization loses (with a
+    teacher that kept them, 8-bit weights would leave almost nothing to learn)."""
+    from jquant.activations import ActQuantSpec, set_quantizers
+
+    model, _ = set_quantizers(_model(), [(r"_proj/kernel$", ActQuantSpec(bits=4, symmetric=True))])
+    w8 = [(r"layers/.*/kernel", jq.QuantSpec(bits=8, granularity="channel"))]
+    with_act = train(model, _tokens(), w8, QATConfig(**{**FAST, "steps": 3}))
+    weights_only = train(_model(), _tokens(), w8, QATConfig(**{**FAST, "steps": 3}))
+    assert weights_only.losses[0] < 1e-3 < 0.02 < with_act.losses[0], (weights_only.losses, with_act.losses)
