@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import yaml
@@ -165,7 +166,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     with open(path, "rb") as fh:
         raw = fh.read(MAX_RECIPE_BYTES + 1)
     try:
-        d = yaml.safe_load(raw.decode("utf-8"))
+        d = yaml.load(raw.decode("utf-8"), Loader=_Loader)
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: a recipe must be UTF-8 text ({e})") from e
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
@@ -173,6 +174,20 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise SpecError(f"{path}: invalid YAML: {type(e).__name__}: {short(str(e))}") from e
     return recipe_from_dict(d, path)
 
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, but ``5e-5`` and ``1E6`` are numbers (YAML 1.1 wants a dot in a
+    float, so PyYAML reads them as strings; YAML 1.2 and JSON do not)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                             |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                             |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                             |[-+]?\.(?:inf|Inf|INF)
+                             |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_VALUES = 100_000

@@ -94,3 +94,10 @@ def test_qat_section():
         recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"step": 3}}, "doc")
     with pytest.raises(SpecError, match=r"qat: QAT objective='mse'; valid: kl, ce"):
         recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"objective": "mse"}}, "doc")
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text('rules: [{pattern: "x", spec: {bits: 4}}]\nqat: {learning_rate: 5e-5, scale_learning_rate: 1E-4}\n')
+    r = recipes.load_recipe(str(f))
+    assert r.qat.learning_rate == 5e-5 and r.qat.scale_learning_rate == 1e-4
