@@ -112,8 +112,10 @@ def from_tensors(t: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int
         if tuple(g_idx.shape) != (K,) or not np.issubdtype(g_idx.dtype, np.integer):
             raise FormatError(f"{name}.g_idx: {g_idx.dtype} {tuple(g_idx.shape)}; valid: int32 ({K},)")
         if not scheme.desc_act and not np.array_equal(g_idx, contiguous_g_idx(K, gs)):
-            # GPTQ kernels without act-order ignore g_idx; read it as they do.
-            g_idx = None
+            # GPTQ's own kernels disagree here (the torch ones follow g_idx, exllama's ignore it
+            # without desc_act): refuse rather than pick one reading silently.
+            raise FormatError(f"{name}.g_idx: not the contiguous groups arange({K}) // {gs}, but desc_act is false; "
+                              "the checkpoint contradicts itself (set desc_act: true if the rows are act-ordered)")
     zero = unpack_np(t["qzeros"], bits, N, axis=1).astype(np.int32)
     if checkpoint_format == "gptq":
         zero = zero + 1  # v1: zero - 1 was stored

@@ -86,6 +86,9 @@ def test_gptq_bad_tensors_are_named():
     no_gidx = {k: v for k, v in t.items() if k != "g_idx"}
     with pytest.raises(FormatError, match=r"L\.g_idx: missing, but desc_act"):
         gptq.from_tensors(no_gidx, Scheme(4, 64, False, True), (K, N), name="L", dtype=np.float32)
+    shuffled = dict(t, g_idx=np.random.default_rng(0).permutation(t["g_idx"]))
+    with pytest.raises(FormatError, match=r"L\.g_idx: not the contiguous groups.*desc_act is false"):
+        gptq.from_tensors(shuffled, Scheme(4, 64, False, False), (K, N), name="L", dtype=np.float32)
     bad = dict(t, g_idx=np.full(K, 9, np.int32))
     with pytest.raises(FormatError, match=r"g_idx holds groups in \[9, 9\]; valid: \[0, 4\)"):
         gptq.from_tensors(bad, Scheme(4, 64, False, True), (K, N), name="L", dtype=np.float32)
