@@ -82,6 +82,9 @@ _QAT = {"steps": 120, "learning_rate": 5e-5, "scale_learning_rate": 1e-4, "warmu
         "objective": "kl", "checkpoint_every": 10}
 VARIANTS["qat_w2"] = ("W2 g32", "QAT from RTN (MSE clipping), 120 steps of 4x128", _rtn(2, 32, "mse"),
                       {"qat": _QAT, "calibration": {"windows": 64, "seq_len": 128}})
+VARIANTS["qat_w2_300"] = ("W2 g32", "QAT from RTN (MSE clipping), 300 steps of 4x128", _rtn(2, 32, "mse"),
+                          {"qat": {**_QAT, "steps": 300, "checkpoint_every": 25},
+                           "calibration": {"windows": 64, "seq_len": 128}})
 VARIANTS["qat_w3"] = ("W3 g64", "QAT from RTN (MSE clipping), 120 steps of 4x128", _rtn(3, 64, "mse"),
                       {"qat": _QAT, "calibration": {"windows": 64, "seq_len": 128}})
 VARIANTS["w4a4kv4_learned"] = ("W4A4KV4", "GPTQ per channel + act-order, learned rotation (SpinQuant, 30 steps)",
