@@ -138,9 +138,11 @@ def _tokenizer_fields(w, tokenizer, config) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model") or {}
-    if model.get("type") != "BPE":
+    byte_level = '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or not byte_level:
         raise FormatError("GGUF export of a Hugging Face model needs its byte-level BPE tokenizer (tokenizer.json); "
-                          f"this one is {model.get('type') or type(tokenizer).__name__}: export from a GGUF source "
+                          f"this one is {model.get('type') or type(tokenizer).__name__}"
+                          f"{'' if byte_level else ' without a ByteLevel pre-tokenizer'}: export from a GGUF source "
                           "instead (jquant quantize --model file.gguf)")
     vocab = backend.get_vocab(with_added_tokens=True)
     n = config.vocab_size
@@ -215,6 +217,10 @@ def save_gguf(model, config, path: str | os.PathLike, *, source: str | os.PathLi
         _copy_fields(w, reader, skip={"general.architecture", "general.file_type", "general.alignment",
                                       "general.quantization_version"})
     else:
+        if arch == "gemma3":
+            raise FormatError("GGUF export of a Gemma 3 model from a Hugging Face directory is not supported (its "
+                              "SentencePiece vocabulary is not written here): quantize the GGUF file instead "
+                              "(jquant quantize --model gemma3-270m or --model FILE.gguf) and export that")
         w.add_name(f"jquant {arch}")
         _config_fields(w, config, arch)
         _tokenizer_fields(w, tokenizer, config)

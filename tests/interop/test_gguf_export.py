@@ -32,7 +32,7 @@ def _bpe_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 style, as llama.cpp's gpt2 model
     text = ["the quick brown fox jumps over the lazy dog and then some more words follow here"] * 20
     tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -102,7 +102,7 @@ def test_export_from_hf_reads_back_in_gguf_and_in_jquant(hf_dir, tmp_path, rules
     back, _, tok = load(tmp_path / "m.gguf")
     _same(qm, back)
     src = _bpe_tokenizer()
-    assert tok("the lazy dog")["input_ids"][-3:] == src("the lazy dog")["input_ids"][-3:]
+    assert tok("the lazy dog")["input_ids"][-4:] == src("the lazy dog")["input_ids"][-4:]
 
 
 def test_export_from_a_gguf_source_copies_metadata_and_reuses_its_tensors(tmp_path):
@@ -135,6 +135,10 @@ def test_gemma3_export_writes_unit_offset_norms_and_reads_back(tmp_path):
     r = gguf.GGUFReader(str(tmp_path / "out.gguf"))
     norm = next(t for t in r.tensors if t.name == "blk.0.attn_norm.weight")
     np.testing.assert_array_equal(norm.data, np.asarray(qm.layers[0].input_layernorm.scale.get_value()) + 1)
+    tm.save_pretrained(tmp_path / "hf", safe_serialization=True)  # without its GGUF: the vocabulary is missing
+    hm, hcfg = load_hf(tmp_path / "hf")
+    with pytest.raises(FormatError, match="Gemma 3 model from a Hugging Face directory is not supported"):
+        save_gguf(hm, hcfg, tmp_path / "h.gguf", tokenizer=_bpe_tokenizer())
 
 
 def test_what_gguf_cannot_hold_is_refused(hf_dir, tmp_path):
@@ -154,6 +158,12 @@ def test_what_gguf_cannot_hold_is_refused(hf_dir, tmp_path):
     wordlevel = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
     with pytest.raises(FormatError, match="byte-level BPE tokenizer"):
         save_gguf(model, cfg, tmp_path / "x.gguf", tokenizer=wordlevel)
+    from tokenizers import pre_tokenizers
+
+    ws = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE({"a": 0}, [])))
+    ws.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(FormatError, match="without a ByteLevel pre-tokenizer"):
+        save_gguf(model, cfg, tmp_path / "x.gguf", tokenizer=ws)
     save_gguf(model, cfg, tmp_path / "f.gguf", tokenizer=tok)  # a float model exports too (F32)
     with pytest.raises(CheckpointError, match="exists"):
         save_gguf(model, cfg, tmp_path / "f.gguf", tokenizer=tok)
