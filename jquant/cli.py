@@ -201,6 +201,8 @@ def cmd_quantize(args) -> int:
         res = qat.train(model, toks, recipe.rules, recipe.qat, work_dir=os.path.join(out, "qat"), init=init,
                         progress=not args.quiet)
         qstate = res.state
+        if not data_driven:
+            seen.extend(x.path for x in jq.summary(qstate).quantized)
         stages["qat"] = time.perf_counter() - t_qat
         calib_info = {**(calib_info or cal), "qat": {"losses": res.losses, "evals": res.evals,
                                                      "tokens_per_second": res.tokens_per_second}}
