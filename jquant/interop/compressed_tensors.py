@@ -25,6 +25,7 @@ import re
 
 import numpy as np
 
+from jquant import packing
 from jquant.errors import FormatError
 from jquant.interop.base import IntParts, Scheme, int_qtensor, pack_np, unpack_np
 
@@ -102,13 +103,12 @@ def from_tensors(t: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int
     ws = t.get("weight_shape")
     if ws is not None and [int(v) for v in np.asarray(ws).reshape(-1)] != [N, K]:
         raise FormatError(f"{name}.weight_shape: {np.asarray(ws).tolist()}, but the model config implies {[N, K]}")
-    n_block = 32 // math.gcd(bits, 32)
-    words = np.ascontiguousarray(_fit(np.asarray(t["weight_packed"]).T, -(-K // n_block) * (bits // math.gcd(bits, 32)), 0))
+    words = np.ascontiguousarray(_fit(np.asarray(t["weight_packed"]).T, packing.packed_length(K, bits), 0))
     scale = np.ascontiguousarray(np.asarray(t["weight_scale"]).T)
     if scheme.sym:
         zero = np.full((G, N), 2 ** (bits - 1), np.int32)
     else:
-        zw = _fit(np.asarray(t["weight_zero_point"]), -(-N // n_block) * (bits // math.gcd(bits, 32)), 0)
+        zw = _fit(np.asarray(t["weight_zero_point"]), packing.packed_length(N, bits), 0)
         zero = unpack_np(zw, bits, N, axis=0).T.astype(np.int32)
     g_idx = t.get("weight_g_idx")
     if g_idx is not None:

@@ -117,20 +117,20 @@ def _config_fields(w, config, arch: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
+    import gguf
+
     rs = config.rope_scaling
     if rs is not None:
         if rs.get("rope_type") != "linear":
             raise FormatError(f"GGUF export writes linear rope scaling (and llama3 as rope_freqs); the config has "
                               f"{rs!r}")
-        import gguf
-
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rs["factor"]))
     if arch == "gemma3":
         w.add_sliding_window(config.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
         w.add_key_value("gemma3.rope.freq_base_swa", float(config.rope_local_base_freq),
-                        __import__("gguf").GGUFValueType.FLOAT32)
+                        gguf.GGUFValueType.FLOAT32)
 
 
 def _tokenizer_fields(w, tokenizer, config) -> None:

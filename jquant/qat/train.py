@@ -345,12 +345,13 @@ def convert(state0, paths, treedef, params, qparams, lsq, ste):
     leaves0 = jax.tree_util.tree_leaves(state0)
     out = []
     for k, old in zip(paths, leaves0):
-        w = jax.device_get(params[k]).astype(np.asarray(old).dtype) if k not in lsq else params[k]
-        if k in lsq:
+        if k in lsq:  # the float32 trained weight: the codes are computed as the forward computed them
             q = qparams[k]
-            out.append(to_qtensor(jnp.asarray(jax.device_get(w)), jax.device_get(q["scale"]),
+            out.append(to_qtensor(jnp.asarray(jax.device_get(params[k])), jax.device_get(q["scale"]),
                                   None if q["zero"] is None else jax.device_get(q["zero"]), lsq[k]))
-        elif k in ste:
+            continue
+        w = jax.device_get(params[k]).astype(np.asarray(old).dtype)
+        if k in ste:
             out.append(quantize_weight(jnp.asarray(w), ste[k], {}, path=k)[0])
         else:
             out.append(jnp.asarray(w))
