@@ -90,7 +90,8 @@ def _leaf(state, path: str):
 
 def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None = None, batch_size: int = 8,
                    progress: bool = True, model_id: str = "", checkpoint_every: float = 60.0,
-                   on_layer: Callable[[LayerLog], None] | None = None, timings: dict | None = None):
+                   on_layer: Callable[[LayerLog], None] | None = None, timings: dict | None = None,
+                   mesh=None):
     """Quantize a Llama-family NNX model by ``rules``, calibrating data-driven methods on ``tokens``.
 
     Each block runs once over the calibration set, in the stages of
@@ -115,6 +116,12 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         ``forward`` (the stages with their statistics), ``prepare`` (e.g. AWQ's search),
         ``solve`` (the methods), ``baseline`` (the logged reconstruction errors),
         ``checkpoint`` (resume points).
+      mesh: a ``jax.sharding.Mesh`` with axes ``("data", "model")``
+        (:func:`jquant.distributed.make_mesh`), or None for one device. Each calibration
+        batch is split over ``data`` (``batch_size`` must divide by its size) and every
+        statistic is reduced over it with ``psum`` inside ``shard_map``; methods that split
+        their solve (GPTQ's output columns) use every device of the mesh. The result equals
+        the single-device one up to float32 summation order.
     Returns:
       ``(state, logs)``: the quantized ``nnx.State`` (``nnx.update`` a model with it) and
       one :class:`LayerLog` per quantized block linear.
@@ -129,10 +136,18 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         raise DataError(f"calibration tokens must be integer token ids, got dtype {tokens.dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    data_size = mesh.shape.get("data", 1) if mesh is not None else 1
+    if batch_size % data_size:
+        raise DataError(f"batch_size={batch_size} does not divide over the {data_size} devices of the mesh's 'data' "
+                        f"axis; use a multiple of {data_size}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float, np.integer, np.floating)) \
             or not checkpoint_every >= 0:
         raise DataError(f"checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
     tokens = tokens.astype(np.int32)
+    if len(tokens) % batch_size % data_size:
+        raise DataError(f"the last calibration batch holds {len(tokens) % batch_size} windows, which do not divide over "
+                        f"the {data_size} devices of the mesh's 'data' axis; use a number of windows that is a multiple "
+                        f"of {data_size}")
     clock = _Clock(timings)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise DataError(f"calibration tokens must be a non-empty (n, seq_len) array, got shape {tokens.shape}")
@@ -163,12 +178,19 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         graph ``block_gd``, folding its output's statistics ``names``."""
         if (block_gd, k, names) not in stage_fns:
             coll = Collector(names)
+            axis = "data" if data_size > 1 else None
 
             def f(bstate, carry, st):
                 carry, x = nnx.merge(block_gd, bstate).calibration_stage(k, carry)
-                return carry, (coll.update(st, x) if names else st)
+                return carry, (coll.update(st, x, axis) if names else st)
 
-            stage_fns[(block_gd, k, names)] = jax.jit(f)
+            if axis is None:
+                stage_fns[(block_gd, k, names)] = jax.jit(f)
+            else:  # batch split over 'data', statistics psum-reduced, parameters replicated
+                from jax.sharding import PartitionSpec as P
+
+                stage_fns[(block_gd, k, names)] = jax.jit(jax.shard_map(
+                    f, mesh=mesh, in_specs=(P(), P("data"), P()), out_specs=(P("data"), P()), axis_names={"data"}))
         return stage_fns[(block_gd, k, names)]
 
     def finalize(coll: Collector, st, where: str) -> dict:
@@ -205,6 +227,8 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             continue
         t_block = time.perf_counter()
         block_gd, bstate = nnx.split(model.layers[i])
+        if data_size > 1:  # once per block, not once per batch
+            bstate = jax.device_put(bstate, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
         def collect(bstate, leader: str, names) -> dict:
             """The statistics ``names`` of ``leader``'s input over the calibration set, running
@@ -251,7 +275,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             new = {}
             for name, spec in specs.items():
                 new[f"{name}/kernel"] = _quantize_linear(bstate, name, spec, stats, prefix, prepared.get(name), logs,
-                                                         on_layer, clock)
+                                                         on_layer, clock, mesh)
             bstate = _replace(bstate, new)
         # The quantized block's outputs are the next block's inputs.
         f = stage_fn(block_gd, len(groups), ())
@@ -290,14 +314,14 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
 
 
 def _quantize_linear(bstate, name: str, spec, stats: dict, prefix: str, prepared: dict | None,
-                     logs: list[LayerLog], on_layer, clock) -> object:
+                     logs: list[LayerLog], on_layer, clock, mesh=None) -> object:
     """Quantize one block linear through the method registry and log it."""
     path = f"{prefix}{name}/kernel"
     w = _leaf(bstate, f"{name}/kernel")
     t0 = time.perf_counter()
     entry = LayerLog(path=path, method=spec.method, seconds=0.0)
     with clock("solve"):
-        qt, info = registry.quantize_weight(w, spec, stats, path=path, prepared=True)
+        qt, info = registry.quantize_weight(w, spec, stats, path=path, prepared=True, mesh=mesh)
         jax.block_until_ready(qt.codes)
     entry.loss, entry.damp = info.get("loss"), info.get("damp")
     entry.extra = prepared

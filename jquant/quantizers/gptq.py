@@ -287,13 +287,19 @@ def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_orde
     return qt, loss, failed
 
 
-def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QTensor, GPTQInfo]:
+def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None, mesh=None) -> tuple[QTensor, GPTQInfo]:
     """GPTQ-quantize a kernel ``w`` (``(in, out)``) given the Hessian ``H`` (``(in, in)``) of its inputs.
 
     ``spec`` gives the grid (format, bits, granularity, group size, symmetric, range
     calibration) and, in ``spec.options``, the GPTQ options of :class:`GPTQOptions`.
     Returns the QTensor and a :class:`GPTQInfo`. Raises NonFiniteError for NaN/Inf in
     ``w`` or ``H`` and when ``H`` stays singular after every damping escalation.
+
+    With a ``mesh`` (:func:`jquant.distributed.make_mesh`) of more than one device, the
+    output columns are split over all its devices (``H`` replicated: each device factorises
+    it and solves ``out / devices`` columns; the columns are padded with zeros to a multiple
+    of the device count and the padding dropped). Each column's arithmetic is the
+    single-device one; the result equals it up to float32 summation order.
     """
     opts = GPTQOptions.from_spec(spec)
     w = jnp.asarray(w)
@@ -324,8 +330,12 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
     # Damping λ = damp·mean(diag H), ×10 on each failed factorisation.
     for tries in range(1, opts.max_damp_tries + 1):
         damp = opts.damp * 10.0 ** (tries - 1)
-        qt, loss, failed = _gptq(w, H, jnp.float32(damp), spec=spec, lay=lay, block=block,
-                                 act_order=opts.act_order, static=static)
+        if mesh is not None and mesh.size > 1:
+            qt, loss, failed = _gptq_sharded(w, H, jnp.float32(damp), spec=spec, block=block, act_order=opts.act_order,
+                                             static=static, mesh=mesh, path=path)
+        else:
+            qt, loss, failed = _gptq(w, H, jnp.float32(damp), spec=spec, lay=lay, block=block,
+                                     act_order=opts.act_order, static=static)
         if not bool(failed):
             break
     else:
@@ -335,6 +345,40 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None) -> tuple[QT
     if info.tries > 1:
         warnings.warn(at(path, f"Cholesky failed at damp={opts.damp}; escalated to {info.damp:.3g}"), stacklevel=2)
     return qt, info
+
+
+def _gptq_sharded(w, H, damp, *, spec, block, act_order, static, mesh, path):
+    """:func:`_gptq` with the output columns split over every device of ``mesh``."""
+    from jquant import distributed
+
+    K, N = w.shape
+    n = mesh.size
+    Np = -(-N // n) * n
+    if Np != N:  # zero columns: quantized like any other, then dropped
+        w = jnp.pad(w, ((0, 0), (0, Np - N)))
+    qt, loss, failed = _sharded_solver(spec, layout_for((K, Np // n), spec, path), block, act_order, static,
+                                       mesh)(w, H, damp)
+    if Np != N:
+        qt = distributed.take(qt, 1, N)
+    return qt, loss, failed
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_solver(spec, lay, block, act_order, static, mesh):
+    from jax.sharding import PartitionSpec as P
+
+    from jquant import distributed
+
+    axes = tuple(mesh.axis_names)
+    cols = P(None, axes)
+
+    def solve(w, H, damp):
+        qt, loss, failed = _gptq(w, H, damp, spec=spec, lay=lay, block=block, act_order=act_order, static=static)
+        return qt, lax.psum(loss, axes), failed
+
+    # check_vma off: the solve's loop carries start replicated and become per-device.
+    return jax.jit(distributed.shard_map(solve, mesh=mesh, in_specs=(cols, P(), P()), out_specs=(cols, P(), P()),
+                                         check_vma=False))
 
 
 def reconstruction_error(w, qt: QTensor, H) -> float:
@@ -349,8 +393,8 @@ def _reconstruction_error(w, qt: QTensor, H):
 
 
 
-def _method(w, spec: QuantSpec, stats, *, path: str | None = None):
-    qt, info = gptq_quantize(w, stats["hessian"], spec, path=path)
+def _method(w, spec: QuantSpec, stats, *, path: str | None = None, mesh=None):
+    qt, info = gptq_quantize(w, stats["hessian"], spec, path=path, mesh=mesh)
     return qt, {"loss": info.loss, "damp": info.damp}
 
 
@@ -361,6 +405,6 @@ def _check(spec: QuantSpec, path: str | None = None) -> None:
 
 
 register(Method("gptq", _method, stats=("hessian",), options=GPTQOptions, formats=formats.RANGE_FORMATS,
-                check=_check,
+                check=_check, shards=True,
                 paper="arXiv:2210.17323",
                 summary="column-by-column rounding with error feedback through the inverse Hessian"))

@@ -49,6 +49,8 @@ class Method:
         block's float parameters before any of its linears is quantized (AWQ folds its
         scales here): ``prepare(bstate, structure, specs, collect, replace, leaf, *, prefix)
         -> (bstate, info)``; see :func:`jquant.quantizers.awq.prepare_block`.
+      shards: ``quantize`` takes a ``mesh=`` keyword and splits its solve over the mesh's
+        devices (the calibration pipeline passes the job's mesh).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Method:
     summary: str = ""
     check: Callable[[Any], None] | None = None
     prepare: Callable[..., tuple[Any, dict]] | None = None
+    shards: bool = False
 
     def stats_for(self, spec) -> tuple[str, ...]:
         """The statistics this method needs to quantize with ``spec``."""
@@ -156,7 +159,7 @@ def needs_data(spec) -> bool:
 
 
 def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: str | None = None,
-                    prepared: bool = False):
+                    prepared: bool = False, mesh=None):
     """Quantize one weight with the method ``spec.method`` names. Returns ``(QTensor, info)``.
 
     Args:
@@ -167,6 +170,8 @@ def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: st
       path: tree path named in errors.
       prepared: the calibration pipeline says the method's block-level ``prepare`` has run
         on this weight's block (AWQ's scales are folded); such methods are refused otherwise.
+      mesh: a ``jax.sharding.Mesh``; methods that split their solve over devices
+        (:attr:`Method.shards`: GPTQ's output columns) use it, the others ignore it.
 
     Raises:
       SpecError: when the method needs statistics that ``stats`` does not hold, or a block
@@ -189,7 +194,8 @@ def quantize_weight(w, spec, stats: Mapping[str, Any] | None = None, *, path: st
         raise SpecError(at(path, f"method {m.name!r} needs the input statistic(s) {missing} of this layer, "
                                  "which were not given: run it through jquant.calibrate.quantize_model, or pass "
                                  "stats={path: {name: array}} (see jquant.quantizers.stats.collect)"))
-    qt, info = m.quantize(w, spec, {n: stats[n] for n in names}, path=path)
+    kw = {"mesh": mesh} if m.shards and mesh is not None else {}
+    qt, info = m.quantize(w, spec, {n: stats[n] for n in names}, path=path, **kw)
     check_stored(qt, w, path)
     return qt, info
 

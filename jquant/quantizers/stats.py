@@ -16,11 +16,14 @@ name              shape      value over ``n`` input rows
 ================  =========  ==================================================================
 
 Means are running means (the old value rescaled by ``n/(n+m)``), so they stay O(1)
-however many batches come.
+however many batches come. Inside ``shard_map`` with the batch split over a mesh axis,
+``update(state, x, axis_name)`` reduces the batch's partial sums (``psum``; ``pmax`` for
+the maximum) over that axis, so every device holds the statistic of the whole batch.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -63,18 +66,24 @@ def gram(x) -> jax.Array:
                             for i in range(nb)], axis=0)
 
 
-@jax.jit
-def hessian_update(h: Hessian, x) -> Hessian:
+def _psum(v, axis_name):
+    return v if axis_name is None else lax.psum(v, axis_name)
+
+
+@functools.partial(jax.jit, static_argnames="axis_name")
+def hessian_update(h: Hessian, x, axis_name=None) -> Hessian:
     """Fold a batch of inputs ``x`` (``(..., in)``) into the running mean.
 
     ``H ← H·n/(n+m) + 2·xᵀx/(n+m)``: the old sum is rescaled rather than the new batch
-    added to a growing sum, so the values stay O(1) however many batches come.
+    added to a growing sum, so the values stay O(1) however many batches come. With
+    ``axis_name`` (inside ``shard_map``), ``x`` is this device's share of the batch and ``m``
+    and ``xᵀx`` are summed over the axis.
     """
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    m = jnp.float32(x.shape[0])
+    m = _psum(jnp.float32(x.shape[0]), axis_name)
     n = h.n + m
     xs = x * jnp.sqrt(2.0 / n)
-    H = h.H * (h.n / n) + gram(xs)
+    H = h.H * (h.n / n) + _psum(gram(xs), axis_name)
     return Hessian(H, n)
 
 
@@ -85,8 +94,12 @@ class Statistic(NamedTuple):
     name: str
     doc: str
     init: Callable[[int], Any]
-    update: Callable[[Any, jax.Array], Any]
+    update: Callable[..., Any]  # (state, x, axis_name=None) -> state
     finalize: Callable[[Any], jax.Array]
+
+
+def _pmax(v, axis_name):
+    return v if axis_name is None else lax.pmax(v, axis_name)
 
 
 def _rows(x):
@@ -99,12 +112,12 @@ def _mean_stat(name: str, doc: str, f: Callable) -> Statistic:
     def init(k):
         return (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))
 
-    def update(st, x):
+    def update(st, x, axis_name=None):
         mean, n = st
         x = _rows(x)
-        m = jnp.float32(x.shape[0])
+        m = _psum(jnp.float32(x.shape[0]), axis_name)
         n2 = n + m
-        return (mean * (n / n2) + jnp.sum(f(x), axis=0) / n2, n2)
+        return (mean * (n / n2) + _psum(jnp.sum(f(x), axis=0), axis_name) / n2, n2)
 
     return Statistic(name, doc, init, update, lambda st: st[0])
 
@@ -116,7 +129,7 @@ STATISTICS: dict[str, Statistic] = {
     "act_abs_max": Statistic(
         "act_abs_max", "max |x| per input channel, (in,)",
         lambda k: jnp.zeros((k,), jnp.float32),
-        lambda st, x: jnp.maximum(st, jnp.max(jnp.abs(_rows(x)), axis=0)),
+        lambda st, x, axis_name=None: jnp.maximum(st, _pmax(jnp.max(jnp.abs(_rows(x)), axis=0), axis_name)),
         lambda st: st),
 }
 
@@ -138,8 +151,8 @@ class Collector(NamedTuple):
     def init(self, features: int) -> dict[str, Any]:
         return {n: STATISTICS[n].init(features) for n in self.names}
 
-    def update(self, state: Mapping[str, Any], x) -> dict[str, Any]:
-        return {n: STATISTICS[n].update(state[n], x) for n in self.names}
+    def update(self, state: Mapping[str, Any], x, axis_name=None) -> dict[str, Any]:
+        return {n: STATISTICS[n].update(state[n], x, axis_name) for n in self.names}
 
     def finalize(self, state: Mapping[str, Any]) -> dict[str, jax.Array]:
         return {n: STATISTICS[n].finalize(state[n]) for n in self.names}
