@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant import checkpoint
+from jquant import checkpoint, distributed
 from jquant._atomic import write_json, write_npy
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
 from jquant.models.llama import DecoderBlock
@@ -213,6 +213,12 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             hidden = [embed(state, jnp.asarray(tokens[b])) for b in batches]  # one (batch, seq, hidden) per batch
             jax.block_until_ready(hidden)
 
+    if data_size > 1:  # the calibration set split over 'data' (every process holds all of it)
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        replicated = NamedSharding(mesh, P())
+        hidden = [distributed.put(h, NamedSharding(mesh, P("data"))) for h in hidden]
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -228,7 +234,7 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         t_block = time.perf_counter()
         block_gd, bstate = nnx.split(model.layers[i])
         if data_size > 1:  # once per block, not once per batch
-            bstate = jax.device_put(bstate, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            bstate = distributed.put(bstate, replicated)
 
         def collect(bstate, leader: str, names) -> dict:
             """The statistics ``names`` of ``leader``'s input over the calibration set, running
@@ -277,6 +283,8 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
                 new[f"{name}/kernel"] = _quantize_linear(bstate, name, spec, stats, prefix, prepared.get(name), logs,
                                                          on_layer, clock, mesh)
             bstate = _replace(bstate, new)
+            if data_size > 1:  # the quantized linears (on this process) back onto the mesh
+                bstate = distributed.put(bstate, replicated)
         # The quantized block's outputs are the next block's inputs.
         f = stage_fn(block_gd, len(groups), ())
         with clock("forward"):
@@ -284,8 +292,9 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             del carries
             if not all(bool(jnp.all(jnp.isfinite(h))) for h in hidden):
                 raise NonFiniteError(f"{prefix[:-1]}: block outputs hold NaN/Inf after quantization")
-        block_states[i] = bstate
-        if resume is not None and (time.perf_counter() - last_save >= checkpoint_every or i == n_layers - 1):
+        block_states[i] = distributed.to_host(bstate)  # this process's copy (the mesh is for the work)
+        if resume is not None and distributed.process_zero_says(
+                time.perf_counter() - last_save >= checkpoint_every or i == n_layers - 1):
             with clock("checkpoint"):
                 resume.save(i, block_states, hidden, logs)
             last_save = time.perf_counter()
@@ -317,11 +326,14 @@ def _quantize_linear(bstate, name: str, spec, stats: dict, prefix: str, prepared
                      logs: list[LayerLog], on_layer, clock, mesh=None) -> object:
     """Quantize one block linear through the method registry and log it."""
     path = f"{prefix}{name}/kernel"
-    w = _leaf(bstate, f"{name}/kernel")
+    # This process's copies (the block's parameters and statistics live on the mesh):
+    # single-device work (logging) must not mix them with arrays of other placements.
+    w, stats = distributed.to_host((_leaf(bstate, f"{name}/kernel"), stats))
     t0 = time.perf_counter()
     entry = LayerLog(path=path, method=spec.method, seconds=0.0)
     with clock("solve"):
         qt, info = registry.quantize_weight(w, spec, stats, path=path, prepared=True, mesh=mesh)
+        qt = distributed.to_host(qt)  # a solve split over several processes: every one holds the result
         jax.block_until_ready(qt.codes)
     entry.loss, entry.damp = info.get("loss"), info.get("damp")
     entry.extra = prepared
@@ -420,6 +432,9 @@ class _Resume:
         return checkpoint.restore(os.path.join(self.dir, "blocks", f"{i:03d}"), target=target)
 
     def save(self, done: int, block_states: dict, hidden: list, logs: list[LayerLog]) -> None:
+        hidden = distributed.to_host(hidden)  # (a collective, before only process 0 goes on)
+        if not distributed.is_writer():
+            return
         for i in range(done + 1):
             if i not in self.saved:
                 checkpoint.save(os.path.join(self.dir, "blocks", f"{i:03d}"), block_states[i], overwrite=True)

@@ -55,9 +55,16 @@ def _digest(a) -> str:
 
 
 def _checkpointer():
+    """Orbax's checkpointer, process-local: in a multi-process run each call is this
+    process's alone (no barriers with the others); the caller decides which process writes
+    (:func:`jquant.distributed.is_writer`) and passes arrays this process holds whole."""
     import orbax.checkpoint as ocp
 
-    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f"jquant{me}")
+    handler = ocp.CompositeCheckpointHandler(composite_options=ocp.CompositeOptions(multiprocessing_options=mp))
+    return ocp, ocp.Checkpointer(handler, multiprocessing_options=mp)
 
 
 def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
@@ -101,6 +108,8 @@ def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
         leaves_meta.append(entry)
     meta = {"format_version": FORMAT_VERSION, "leaves": leaves_meta}
     ocp, ckptr = _checkpointer()
+    if jax.process_count() > 1:  # orbax refuses arrays of one process's devices in a multi-process run
+        arrays = jax.tree_util.tree_map(np.asarray, arrays)
     # Write beside the target and swap, so an existing checkpoint survives a failed save.
     new, old = path + ".saving", path + ".replaced"
     for stale in (new, old):
@@ -217,7 +226,7 @@ def restore(path: str | os.PathLike, *, target=None,
     def sds(leaf_path, part, shape, dtype):
         sh = shardings(leaf_path, part, tuple(shape)) if callable(shardings) else shardings
         if sh is None:
-            sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16,
                                     sharding=sh)
 

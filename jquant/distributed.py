@@ -336,6 +336,49 @@ def _env_int(name: str) -> int | None:
         raise SpecError(f"environment variable {name}={v!r} must be an integer") from None
 
 
+def to_host(tree):
+    """``tree`` with every array that spans devices of other processes gathered whole onto
+    this one (``process_allgather``; a collective: every process must call it). Arrays this
+    process holds whole are returned as they are; QTensors keep their metadata."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:  # this process's copy is the whole array
+                return x.addressable_data(0)
+            from jax.experimental import multihost_utils
+
+            return jax.numpy.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree_util.tree_map(get, tree)
+
+
+def put(tree, sharding):
+    """``tree``'s arrays placed with ``sharding`` (one for all leaves). Every process holds
+    the whole value (as after :func:`to_host`); on a mesh spanning several processes each
+    one contributes the shards of its own devices (``jax.device_put`` moves only onto
+    devices this process can address)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: a reshard
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def process_zero_says(value: bool) -> bool:
+    """Process 0's ``value`` on every process (a collective), so decisions made from clocks
+    (when to write a resume point) are the same everywhere; ``value`` itself in one process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 def is_writer() -> bool:
     """True on the one process that writes shared files (process 0)."""
     return jax.process_index() == 0

@@ -236,3 +236,61 @@ def test_initialize_without_a_cluster_is_a_no_op(monkeypatch):
     with pytest.raises(SpecError, match=r"\[0, 2\)"):
         dist.initialize()
     assert dist.is_writer()
+
+
+TWO_PROCESS = COMMON + """
+import os, sys
+from jquant import distributed as dist
+assert dist.initialize()  # from JQUANT_COORDINATOR / JQUANT_NUM_PROCESSES / JQUANT_PROCESS_ID
+from jquant import calibrate, checkpoint
+assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+if not dist.is_writer():  # exactly one process writes: the other must never reach a writer
+    def refuse(*a, **k):
+        raise AssertionError("process 1 wrote a file")
+    calibrate.write_json = calibrate.write_npy = checkpoint.save = refuse
+model, toks = tiny()
+for run in range(2):  # the second run resumes from the files process 0 wrote
+    state, logs = calibrate.quantize_model(model, toks, RULES, batch_size=8, progress=False,
+                                           mesh=dist.make_mesh("data=4,model=2"), work_dir=WORK, checkpoint_every=0)
+    np.savez(f"{WORK}/codes{jax.process_index()}_{run}.npz", **codes_of(state))
+"""
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """``jax.distributed`` on localhost, 2 processes × 4 CPU devices, gloo collectives: the
+    pipeline (statistics over 'data' across processes, GPTQ columns over all 8 devices)
+    gives every process the single-process codes, and a second run resumes from process 0's files."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    work = str(tmp_path / "work")
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   JQUANT_COORDINATOR=f"localhost:{port}", JQUANT_NUM_PROCESSES="2", JQUANT_PROCESS_ID=str(pid))
+        log = open(tmp_path / f"p{pid}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-c", f"WORK = {work!r}\n" + TWO_PROCESS], env=env,
+                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=900)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    for pid, (p, _) in enumerate(procs):
+        text = (tmp_path / f"p{pid}.log").read_text()
+        assert p.returncode == 0, "\n".join(l for l in text.splitlines() if "Gloo" not in l)[-4000:]
+    assert os.path.isfile(os.path.join(work, "progress.json"))
+    model, toks = _ns["tiny"]()
+    state, _ = calibrate.quantize_model(model, toks, _ns["RULES"], batch_size=8, progress=False)
+    expect = _ns["codes_of"](state)
+    for pid in range(2):
+        for run in range(2):
+            got = dict(np.load(os.path.join(work, f"codes{pid}_{run}.npz")))
+            assert sorted(got) == sorted(expect)
+            for k, v in expect.items():
+                np.testing.assert_array_equal(got[k], v, err_msg=f"process {pid} run {run} {k}")

@@ -349,6 +349,8 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None, mesh=None) 
 
 def _gptq_sharded(w, H, damp, *, spec, block, act_order, static, mesh, path):
     """:func:`_gptq` with the output columns split over every device of ``mesh``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
     from jquant import distributed
 
     K, N = w.shape
@@ -356,6 +358,10 @@ def _gptq_sharded(w, H, damp, *, spec, block, act_order, static, mesh, path):
     Np = -(-N // n) * n
     if Np != N:  # zero columns: quantized like any other, then dropped
         w = jnp.pad(w, ((0, 0), (0, Np - N)))
+    # Placed explicitly: arrays committed to one device (or to this process's devices only,
+    # in a multi-process run) are not moved onto the mesh by jit.
+    w = distributed.put(w, NamedSharding(mesh, P(None, tuple(mesh.axis_names))))
+    H, damp = distributed.put((H, damp), NamedSharding(mesh, P()))
     qt, loss, failed = _sharded_solver(spec, layout_for((K, Np // n), spec, path), block, act_order, static,
                                        mesh)(w, H, damp)
     if Np != N:
