@@ -319,6 +319,8 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rules for block linears match nothing here
         out = quantize_tree(out, rest_rules)
+    if resume is not None:
+        resume.close()
     return out, logs
 
 
@@ -390,7 +392,16 @@ class _Resume:
         self.progress = os.path.join(work_dir, "progress.json")
         self.saved: set[int] = set()
         self.meta: dict = {}
-        os.makedirs(os.path.join(work_dir, "blocks"), exist_ok=True)
+        self.lock = None
+        if distributed.is_writer():
+            os.makedirs(work_dir, exist_ok=True)
+            self.lock = _lock(work_dir)
+            os.makedirs(os.path.join(work_dir, "blocks"), exist_ok=True)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # releases the lock
+            self.lock = None
 
     def load(self) -> tuple[int, list[LayerLog]]:
         if not os.path.isfile(self.progress):
@@ -454,6 +465,29 @@ class _Resume:
                     os.remove(os.path.join(self.dir, f))
                 except OSError:
                     pass
+
+
+def _lock(work_dir: str):
+    """An exclusive lock on ``work_dir/lock`` for as long as the returned file stays open, or
+    CheckpointError when another job holds it (two jobs writing one resume point would
+    corrupt each other's work)."""
+    import fcntl
+
+    path = os.path.join(work_dir, "lock")
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise CheckpointError(f"{work_dir}: another calibration job ({holder}) is running in this work directory; "
+                              "wait for it to finish, or give this job another work_dir / --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    fh.flush()
+    return fh
 
 
 def _check_data_driven_leaves(state, compiled) -> None:

@@ -117,9 +117,12 @@ def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model, progress: b
                 return np.load(path)
     toks = calibrate.calibration_tokens(tok, text=cal["text"], n=cal["windows"], seq_len=cal["seq_len"],
                                         seed=cal["seed"], vocab_size=vocab, model=model, progress=progress)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_npy(path, toks)
-    write_json(meta, key)
+    from jquant import distributed
+
+    if distributed.is_writer():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_npy(path, toks)
+        write_json(meta, key)
     return toks
 
 
@@ -129,7 +132,7 @@ def cmd_quantize(args) -> int:
     from tqdm.auto import tqdm
 
     import jquant as jq
-    from jquant import calibrate, recipes
+    from jquant import calibrate, distributed, recipes
     from jquant.quantizers import needs_data
 
     recipe = recipes.load_recipe(args.recipe)
@@ -143,6 +146,14 @@ def cmd_quantize(args) -> int:
         return 2
     data_driven = any(needs_data(sp) for _, sp in recipe.rules)
     learned = recipe.rotation is not None and recipe.rotation.kind == "learned"
+    writer = distributed.is_writer()  # in a multi-process run, process 0 writes every file
+    if jax.process_count() > 1 and (learned or recipe.qat is not None):
+        print(f"error: recipe {recipe.name!r}: learned rotations and QAT run on one process for now; start it without "
+              "JQUANT_COORDINATOR (one process still uses all its local devices)", file=sys.stderr)
+        return 2
+    mesh = None
+    if data_driven and (args.mesh or recipe.mesh or jax.device_count() > 1):
+        mesh = distributed.make_mesh(args.mesh or recipe.mesh)
     cal = None
     if data_driven or learned or recipe.qat is not None:  # the calibration settings are checked before any work
         cal = {"text": "pydoc", "windows": 128, "seq_len": 512, "seed": 0, "batch_size": 8, **recipe.calibration}
@@ -182,11 +193,14 @@ def cmd_quantize(args) -> int:
         bar.close()
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
                                                 batch_size=cal["batch_size"], progress=not args.quiet,
-                                                model_id=model_path, timings=stages)
+                                                model_id=model_path, timings=stages, mesh=mesh)
         seen.extend(e.path for e in logs)
         seen.extend(x.path for x in jq.summary(qstate).quantized if not x.path.startswith("layers/"))
         calib_info = {**cal, "layers": [dataclasses.asdict(e) for e in logs]}
-        write_json(os.path.join(out, "layers.json"), calib_info)
+        if mesh is not None:
+            calib_info["mesh"] = dict(mesh.shape) | {"processes": jax.process_count()}
+        if writer:
+            write_json(os.path.join(out, "layers.json"), calib_info)
     elif recipe.qat is None:
         qstate = jq.quantize_tree(state, recipe.rules, progress=progress)
     if recipe.qat is not None:  # training with the quantizer in the loop, from the RTN / GPTQ result
@@ -213,7 +227,8 @@ def cmd_quantize(args) -> int:
         bar.update(n_leaves - bar.n)
         bar.close()
     t1 = time.perf_counter()
-    jq.save(ckpt, qstate, overwrite=args.overwrite)
+    if writer:
+        jq.save(ckpt, qstate, overwrite=args.overwrite)
     t_save = time.perf_counter() - t1
     s_q = jq.summary(qstate)
     manifest = {
@@ -221,10 +236,13 @@ def cmd_quantize(args) -> int:
         "quantized_leaves": len(seen), "params": s_q.numel,
         "float_param_bytes": float_bytes, "quant_param_bytes": s_q.nbytes,
         "bits_per_weight_all": s_q.bits_per_weight, "bits_per_weight_quantized": s_q.quantized_bits_per_weight,
-        "checkpoint_bytes_on_disk": _dir_bytes(ckpt),
+        "checkpoint_bytes_on_disk": _dir_bytes(ckpt) if writer else None,
         "seconds": {"load": t_load, "rotate": t_rot, "quantize": t_quant, "save": t_save, **stages},
         "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "layers"},
     }
+    if not writer:
+        print(f"process {jax.process_index()}: done (process 0 writes {out})")
+        return 0
     write_json(os.path.join(out, MANIFEST), manifest)
     if not args.quiet:
         print(s_q.table(max_rows=12))
@@ -517,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: pydoc (recipe default; its tail is held out), licenses, hf:..., a file")
     q.add_argument("--calib-windows", type=int, default=None, help="calibration windows (recipe default: 128)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
+    q.add_argument("--mesh", default=None,
+                   help="devices of a calibration job, e.g. data=2,model=4 (recipe's mesh: by default; else 'data' "
+                        "over all devices): batches split over data, GPTQ columns over every device. Several "
+                        "processes: set JQUANT_COORDINATOR=host:port, JQUANT_NUM_PROCESSES, JQUANT_PROCESS_ID")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)
@@ -573,11 +595,19 @@ def _compilation_cache() -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from jquant.errors import JQuantError
+
+    if args.command == "quantize":  # before any other JAX call
+        from jquant import distributed
+
+        try:
+            distributed.initialize()
+        except JQuantError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     _compilation_cache()
     if getattr(args, "max_windows", None) == 0:
         args.max_windows = None
-    from jquant.errors import JQuantError
-
     try:
         return args.fn(args)
     except JQuantError as e:

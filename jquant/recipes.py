@@ -42,6 +42,7 @@ class Recipe:
     kv_cache: ActQuantSpec | None = None  # quantizer of attention's keys and values
     rotation: RotationSpec | None = None  # rotations fused before quantizing (QuaRot)
     qat: QATConfig | None = None  # quantization-aware training of the rules' kernels
+    mesh: str | None = None  # devices of the calibration job, "data=2,model=4" (jquant.distributed)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "description": self.description, "calibration": dict(self.calibration),
@@ -54,6 +55,8 @@ class Recipe:
             d["rotation"] = self.rotation.to_dict()
         if self.qat is not None:
             d["qat"] = self.qat.to_dict()
+        if self.mesh is not None:
+            d["mesh"] = self.mesh
         return d
 
 
@@ -64,7 +67,7 @@ def available() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache", "rotation", "qat")
+RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache", "rotation", "qat", "mesh")
 RULE_KEYS = ("pattern", "spec")
 # Calibration settings of data-driven recipes: key -> (type, lowest valid value or None).
 CALIBRATION_KEYS = {"text": (str, None), "windows": (int, 1), "seq_len": (int, 2), "seed": (int, 0),
@@ -116,15 +119,22 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
         except TypeError as e:  # a value of the wrong type deep in a comparison
             raise SpecError(f"{source}: rule {i} ({r['pattern']!r}): {e}") from e
         rules.append((r["pattern"], spec))
-    for key in ("name", "description"):
-        if key in d and not isinstance(d[key], str):
+    for key in ("name", "description", "mesh"):
+        if key in d and d[key] is not None and not isinstance(d[key], str):
             raise SpecError(f"{source}: {key} must be a string, got {short(d[key])}")
+    if d.get("mesh") is not None:
+        from jquant.distributed import parse_mesh
+
+        try:
+            parse_mesh(d["mesh"])
+        except SpecError as e:
+            raise SpecError(f"{source}: {e}") from None
     return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
                   activations=_activation_rules(d.get("activations"), source),
                   kv_cache=_section(ActQuantSpec, d.get("kv_cache"), f"{source}: kv_cache"),
                   rotation=_section(RotationSpec, d.get("rotation"), f"{source}: rotation"),
-                  qat=_section(QATConfig, d.get("qat"), f"{source}: qat"))
+                  qat=_section(QATConfig, d.get("qat"), f"{source}: qat"), mesh=d.get("mesh"))
 
 
 def _section(cls, d, where: str):

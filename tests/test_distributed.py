@@ -294,3 +294,22 @@ def test_two_processes_equal_one_process(tmp_path):
             assert sorted(got) == sorted(expect)
             for k, v in expect.items():
                 np.testing.assert_array_equal(got[k], v, err_msg=f"process {pid} run {run} {k}")
+
+
+def test_a_second_job_on_the_same_work_dir_is_refused(tmp_path):
+    """Two jobs writing one resume point would corrupt it: the second gets a CheckpointError
+    naming the holder, the first's files are untouched, and the lock goes with the first job."""
+    from jquant.errors import CheckpointError
+
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    holder = calibrate._lock(work)
+    model, toks = _ns["tiny"]()
+    with pytest.raises(CheckpointError, match=f"another calibration job \\(pid {os.getpid()}"):
+        calibrate.quantize_model(model, toks, _ns["RULES"][:1], batch_size=8, progress=False, work_dir=work)
+    assert sorted(os.listdir(work)) == ["lock"]
+    holder.close()
+    calibrate.quantize_model(model, toks, [(r"q_proj/kernel$", _ns["RULES"][0][1])], batch_size=8, progress=False,
+                             work_dir=work)
+    assert os.path.isfile(os.path.join(work, "progress.json"))
+    calibrate._lock(work).close()  # released when the job returned
