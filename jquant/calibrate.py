@@ -91,7 +91,8 @@ def _leaf(state, path: str):
 def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None = None, batch_size: int = 8,
                    progress: bool = True, model_id: str = "", checkpoint_every: float = 60.0,
                    on_layer: Callable[[LayerLog], None] | None = None, timings: dict | None = None,
-                   mesh=None):
+                   mesh=None, read_block: Callable[[int], nnx.State] | None = None,
+                   on_block: Callable[[int, nnx.State], None] | None = None):
     """Quantize a Llama-family NNX model by ``rules``, calibrating data-driven methods on ``tokens``.
 
     Each block runs once over the calibration set, in the stages of
@@ -122,6 +123,14 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         statistic is reduced over it with ``psum`` inside ``shard_map``; methods that split
         their solve (GPTQ's output columns) use every device of the mesh. The result equals
         the single-device one up to float32 summation order.
+      read_block: streaming in: ``read_block(i)`` returns block ``i``'s float parameters
+        (``nnx.State``), read when the block starts; ``model``'s blocks may then be abstract
+        (:func:`jquant.models.hf.stream_hf` gives both).
+      on_block: streaming out: ``on_block(i, state)`` receives each quantized block when it
+        is finished (in order; after a resume, the finished blocks first, read back from
+        ``work_dir``), and the block is not kept: the returned state's block leaves are
+        left as ``model`` had them. With both, memory holds about one block's working set
+        whatever the depth.
     Returns:
       ``(state, logs)``: the quantized ``nnx.State`` (``nnx.update`` a model with it) and
       one :class:`LayerLog` per quantized block linear.
@@ -202,15 +211,18 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         return stats
 
     # The parameters are an argument, not a closure: closed-over arrays are compiled in as
-    # constants (the whole model, held twice).
+    # constants (the whole model, held twice). Blocks not in memory (streaming) are scalar
+    # placeholders: the embedding never reads them.
     embed = jax.jit(lambda st, t: nnx.merge(graphdef, st).embed(t))
+    embed_state = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((), x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, state)
 
     batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
     if done >= 0:
         hidden = [jnp.asarray(x) for x in resume.hidden(batches)]
     else:
         with clock("embed"):
-            hidden = [embed(state, jnp.asarray(tokens[b])) for b in batches]  # one (batch, seq, hidden) per batch
+            hidden = [embed(embed_state, jnp.asarray(tokens[b])) for b in batches]  # one (batch, seq, hidden) per batch
             jax.block_until_ready(hidden)
 
     if data_size > 1:  # the calibration set split over 'data' (every process holds all of it)
@@ -229,10 +241,16 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
     for i in range(n_layers):
         prefix = f"layers/{i}/"
         if i <= done:  # finished before: take its saved parameters
-            block_states[i] = resume.block(i, nnx.split(model.layers[i])[1])
+            finished = resume.block(i, nnx.split(model.layers[i])[1])
+            if on_block is not None:
+                on_block(i, finished)
+            else:
+                block_states[i] = finished
             continue
         t_block = time.perf_counter()
         block_gd, bstate = nnx.split(model.layers[i])
+        if read_block is not None:
+            bstate = read_block(i)
         if data_size > 1:  # once per block, not once per batch
             bstate = distributed.put(bstate, replicated)
 
@@ -298,6 +316,11 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             with clock("checkpoint"):
                 resume.save(i, block_states, hidden, logs)
             last_save = time.perf_counter()
+        if on_block is not None:  # handed over, not kept (written first, so a resume point can name it)
+            if resume is not None:
+                with clock("checkpoint"):
+                    resume.save_blocks(block_states)
+            on_block(i, block_states.pop(i))
         if bar is not None:
             block_logs = [e for e in logs if e.path.startswith(prefix)]
             worst = max((e.recon / e.recon_rtn for e in block_logs if e.recon and e.recon_rtn), default=float("nan"))
@@ -442,14 +465,23 @@ class _Resume:
     def block(self, i: int, target):
         return checkpoint.restore(os.path.join(self.dir, "blocks", f"{i:03d}"), target=target)
 
+    def save_blocks(self, block_states: dict) -> None:
+        """Write the finished blocks not written yet (on their own they are no resume point:
+        ``progress.json`` says which blocks a resume takes)."""
+        if not distributed.is_writer():
+            return
+        for i in sorted(block_states):
+            if i not in self.saved:
+                checkpoint.save(os.path.join(self.dir, "blocks", f"{i:03d}"), block_states[i], overwrite=True)
+                self.saved.add(i)
+
     def save(self, done: int, block_states: dict, hidden: list, logs: list[LayerLog]) -> None:
         hidden = distributed.to_host(hidden)  # (a collective, before only process 0 goes on)
         if not distributed.is_writer():
             return
-        for i in range(done + 1):
-            if i not in self.saved:
-                checkpoint.save(os.path.join(self.dir, "blocks", f"{i:03d}"), block_states[i], overwrite=True)
-                self.saved.add(i)
+        self.save_blocks(block_states)
+        if not all(i in self.saved for i in range(done + 1)):
+            raise CheckpointError(f"{self.dir}: blocks {sorted(set(range(done + 1)) - self.saved)} were never written")
         h = np.concatenate([np.asarray(x) for x in hidden])
         name = f"hidden_{done:03d}.npy"
         path = os.path.join(self.dir, name)

@@ -273,6 +273,9 @@ def _get_variable(model: Llama, path: tuple) -> nnx.Variable:
 def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaConfig]:
     """Load a Hugging Face Llama / SmolLM / Mistral / Qwen2 checkpoint directory.
 
+    (For models that do not fit in memory, :func:`stream_hf` reads the decoder blocks one
+    at a time.)
+
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards with
         ``model.safetensors.index.json``).
@@ -287,7 +290,30 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
         pickle weights (``.bin``/``.pt``/``.pth``/``.ckpt``: never unpickled).
       UnsupportedModelError: an unsupported architecture.
     """
-    path = Path(path)
+    model, config, _ = _load(Path(path), dtype, lazy=False)
+    return model, config
+
+
+def stream_hf(path: str | os.PathLike, dtype=jnp.float32):
+    """Open a Hugging Face checkpoint directory with its decoder blocks left on disk.
+
+    Every check of :func:`load_hf` runs first (all headers, shapes and dtypes); the
+    embedding, final norm and head are read; each block's tensors are read only when asked
+    for, so a model far larger than memory can be quantized block by block
+    (:func:`jquant.calibrate.quantize_model` with ``read_block``).
+
+    Returns:
+      ``(model, config, read_block)``: ``model``'s blocks hold ``jax.ShapeDtypeStruct``
+      leaves (no memory); ``read_block(i)`` returns block ``i``'s ``nnx.State`` (float
+      ``dtype``, kernels ``(in, out)``), read from the safetensors files tensor by tensor.
+    Raises:
+      as :func:`load_hf`; CheckpointError also for a pre-quantized checkpoint (its blocks
+      are read whole by ``load_hf``).
+    """
+    return _load(Path(path), dtype, lazy=True)
+
+
+def _load(path: Path, dtype, lazy: bool):
     if not path.is_dir():
         if path.suffix in PICKLE_SUFFIXES:
             raise refuse_pickle(path)
@@ -307,6 +333,8 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
                               f"checkpoint has tensors for {len(layers)} layer(s) ({short(sorted(layers))})")
     model = abstract_model(config, dtype=dtype)
     qreader = _quantized_reader(path)
+    if lazy and qreader is not None:
+        raise CheckpointError(f"{path}: a pre-quantized checkpoint is read whole (load_hf), not streamed")
     quantized: dict[tuple, tuple[str, dict[str, tuple[Path, _Entry]]]] = {}  # kernel path -> (module, parts)
     plan: dict[Path, list[tuple[str, nnx.Variable, tuple]]] = {f: [] for f in files}
     for f, entries in headers.items():
@@ -362,13 +390,16 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
         names = ", ".join(path_to_hf_name(p) for p in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {names}{more} in {', '.join(f.name for f in files)}")
+    blocks: dict[int, list[tuple[Path, str, tuple]]] = {}  # lazy: block -> its tensors, read on demand
     for f, items in plan.items():
+        if lazy:
+            for name, _, p in items:
+                if p[0] == "layers":
+                    blocks.setdefault(p[1], []).append((f, name, p[2:]))
+            items = [it for it in items if it[2][0] != "layers"]
         dtypes = {name: headers[f][name].dtype for name, _, _ in items}
         for (name, var, p), (_, arr) in zip(items, _read_tensors(f, list(dtypes), dtypes)):
-            finite(arr, f"{f}: tensor {name!r} ({headers[f][name].dtype})")
-            if _is_kernel(p):
-                arr = arr.T
-            var.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))
+            var.set_value(_host_value(arr, f, name, headers[f][name].dtype, p, dtype))
     for qp, (module, parts) in quantized.items():
         var = _get_variable(model, qp)
         scheme = qreader.scheme_of(module)
@@ -385,7 +416,33 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, LlamaCon
         want = tuple(var.get_value().shape)
         files = sorted({str(f) for f, _ in parts.values()})
         var.set_value(qreader.from_tensors(t, scheme, want, name=f"{', '.join(files)}: {module}", dtype=dtype))
-    return model, config
+    if not lazy:
+        return model, config, None
+
+    def read_block(i: int) -> nnx.State:
+        """Block ``i``'s parameters, read from disk now (nothing of it is cached)."""
+        if i not in blocks:
+            raise CheckpointError(f"{path}: no decoder block {i} (the model has {config.num_hidden_layers})")
+        values = {}
+        for f in sorted({f for f, _, _ in blocks[i]}):
+            items = [(name, rel) for g, name, rel in blocks[i] if g == f]
+            dtypes = {name: headers[f][name].dtype for name, _ in items}
+            for (name, rel), (_, arr) in zip(items, _read_tensors(f, list(dtypes), dtypes)):
+                values["/".join(map(str, rel))] = _host_value(arr, f, name, headers[f][name].dtype, rel, dtype)
+        _, abstract = nnx.split(model.layers[i])
+        from jquant.spec import path_str
+
+        return jax.tree_util.tree_map_with_path(lambda kp, _: values[path_str(kp)], abstract)
+
+    return model, config, read_block
+
+
+def _host_value(arr: np.ndarray, f: Path, name: str, stored: str, p: tuple, dtype):
+    """A tensor as read, checked finite, transposed to Flax's ``(in, out)`` if a kernel, cast."""
+    finite(arr, f"{f}: tensor {name!r} ({stored})")
+    if _is_kernel(p):
+        arr = arr.T
+    return jnp.asarray(np.ascontiguousarray(arr).astype(dtype))
 
 
 def _quantized_reader(path: Path):
