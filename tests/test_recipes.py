@@ -101,3 +101,14 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     f.write_text('rules: [{pattern: "x", spec: {bits: 4}}]\nqat: {learning_rate: 5e-5, scale_learning_rate: 1E-4}\n')
     r = recipes.load_recipe(str(f))
     assert r.qat.learning_rate == 5e-5 and r.qat.scale_learning_rate == 1e-4
+
+
+def test_mesh_field():
+    base = {"rules": [{"pattern": "kernel", "spec": {"bits": 4, "method": "gptq"}}]}
+    r = recipes.recipe_from_dict({**base, "mesh": "data=2,model=4"})
+    assert r.mesh == "data=2,model=4" and r.to_dict()["mesh"] == "data=2,model=4"
+    assert recipes.recipe_from_dict(r.to_dict()) == r
+    assert recipes.recipe_from_dict(base).mesh is None and "mesh" not in recipes.recipe_from_dict(base).to_dict()
+    for bad, match in [("data=two", "integer"), ("tensor=2", "unknown axis"), (8, "must be a string")]:
+        with pytest.raises(SpecError, match=match):
+            recipes.recipe_from_dict({**base, "mesh": bad}, "r.yaml")
