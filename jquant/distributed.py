@@ -190,6 +190,30 @@ def take(qt: QTensor, dim: int, n: int) -> QTensor:
     return _Meta.of(qt, shape).build(parts)
 
 
+def shard_params(state, mesh: Mesh, axis: str = "model"):
+    """A parameter tree placed on ``mesh`` for a sharded forward: every kernel ``(in, out)``
+    (float or QTensor) split by output column over ``axis`` where its width divides, every
+    other leaf (embedding, norms, kernels that do not divide) replicated. ``jit`` of the
+    model's forward on the result runs tensor-parallel (XLA inserts the collectives) and
+    gives the unsharded logits."""
+    k = axis_size(mesh, axis)
+    rep = NamedSharding(mesh, P())
+
+    def place(kp, x):
+        from jquant.spec import path_str
+
+        kernel = path_str(kp).endswith("kernel")
+        if is_qtensor(x):
+            if x.ndim == 2 and x.axis == 0 and x.shape[1] % k == 0:
+                return shard_qtensor(x, mesh, P(None, axis))
+            return jax.tree_util.tree_map(lambda a: put(a, rep), x)
+        if kernel and getattr(x, "ndim", 0) == 2 and x.shape[1] % k == 0:
+            return put(x, NamedSharding(mesh, P(None, axis)))
+        return put(x, rep) if hasattr(x, "shape") else x
+
+    return jax.tree_util.tree_map_with_path(place, state, is_leaf=is_qtensor)
+
+
 def _local(qt: QTensor, spec: tuple, mesh: Mesh) -> tuple[int, ...]:
     return tuple(n // axis_size(mesh, s) for n, s in zip(qt.shape, spec))
 

@@ -121,6 +121,15 @@ for m in ("data=8", "data=2,model=4"):
     for k, v in codes_of(state).items():
         out[m + "|" + k] = v
     out[m + "|recon"] = np.array([e.recon if e.recon is not None else np.nan for e in logs])
+# The quantized model's forward with kernels split by output column over 'model' (jit, GSPMD).
+from flax import nnx
+from jquant.models import forward
+gd, _ = nnx.split(model)
+mesh24 = dist.make_mesh("data=2,model=4")
+sharded = dist.shard_params(state, mesh24)
+out["sharded_logits"] = np.asarray(forward(gd, sharded, jnp.asarray(toks[:2]))[0])
+q = {jq.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(sharded, is_leaf=jq.is_qtensor)[0]}
+report["sharded_q_codes"] = str(q["layers/0/self_attn/q_proj/kernel"].codes.sharding.spec)
 np.savez(OUT + ".npz", **out)
 json.dump(report, open(OUT + ".json", "w"))
 """
@@ -196,6 +205,20 @@ def test_pipeline_on_a_mesh_equals_one_device(eight):
         for k, v in codes.items():
             np.testing.assert_array_equal(arrays[f"{m}|{k}"], v, err_msg=f"{m} {k}")
         np.testing.assert_allclose(arrays[m + "|recon"], recon, rtol=1e-4, equal_nan=True)
+
+
+def test_quantized_forward_with_kernels_split_by_column(eight):
+    arrays, rep = eight
+    model, toks = _ns["tiny"]()
+    state, _ = calibrate.quantize_model(model, toks, _ns["RULES"], batch_size=8, progress=False)
+    from flax import nnx
+
+    from jquant.models import forward
+
+    gd, _ = nnx.split(model)
+    ref = np.asarray(forward(gd, state, jnp.asarray(toks[:2]))[0])
+    assert rep["sharded_q_codes"] == "P(None, 'model')"
+    np.testing.assert_allclose(arrays["sharded_logits"], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_make_mesh_and_its_errors():

@@ -25,6 +25,7 @@ import pytest
 import jquant
 from jquant import QuantSpec
 from jquant.errors import NonFiniteError, ShapeError, SpecError
+from jquant.quantizers import gptq
 from jquant.quantizers.gptq import gptq_quantize
 from jquant.quantizers.stats import Hessian, hessian_update
 
@@ -421,3 +422,19 @@ def test_factor_failure_is_flagged():
     H = -jnp.eye(8)
     perm, dead = _order(H, False)
     assert bool(_factor(H, perm, dead, jnp.float32(0.01), 8)[2])
+
+
+def test_blocked_cholesky_of_wide_hessians(monkeypatch):
+    """Wider than one LAPACK call (a 70B down_proj's 28672; here thresholds scaled down):
+    the blocked factor equals float64 NumPy's, and a matrix that is not positive definite
+    gives NaN on the diagonal (what GPTQ's damping escalation checks)."""
+    monkeypatch.setattr(gptq, "_CHOL_WHOLE", 64)
+    monkeypatch.setattr(gptq, "_CHOL_BLOCK", 24)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 100))
+    A = x.T @ x / 300 + 0.01 * np.eye(100)
+    L = np.asarray(jax.jit(gptq.cholesky)(jnp.asarray(A, jnp.float32)), np.float64)
+    np.testing.assert_allclose(L, np.linalg.cholesky(A), atol=2e-6)
+    assert np.all(np.triu(L, 1) == 0)
+    A[70, 70] = -5.0
+    assert np.isnan(np.diag(np.asarray(jax.jit(gptq.cholesky)(jnp.asarray(A, jnp.float32))))).any()

@@ -118,8 +118,38 @@ def _factor(H, perm, dead, damp, Kp: int):
     d = jnp.where(idx < K, diag[jnp.minimum(idx, K - 1)], 1.0) + lam
     Hr = jnp.where(i == j, d[:, None], Hr)
     # Hr is symmetric: factorising Hrᵀ lets XLA hand LAPACK its column-major copy for free.
-    L = lax.linalg.cholesky(Hr.T, symmetrize_input=False)
+    L = cholesky(Hr.T)
     return L, lam, ~jnp.all(jnp.isfinite(jnp.diag(L)))  # LAPACK's failure is all NaN
+
+
+_CHOL_WHOLE = 16384  # widest matrix factorised by one LAPACK call
+_CHOL_BLOCK = 4096
+
+
+def cholesky(A):
+    """Lower Cholesky factor of a symmetric positive definite ``A`` (float32, lower
+    triangle read). Up to ``_CHOL_WHOLE`` wide, one LAPACK ``potrf``; wider (a 70B model's
+    down_proj Hessian is 28672 wide), right-looking by blocks of ``_CHOL_BLOCK``: LAPACK
+    factorises each diagonal block, the panel below it is ``P·L_jj⁻ᵀ`` and the trailing
+    updates are XLA matmuls. (OpenBLAS's ``potrf`` on the 28672-wide matrix, called from an
+    XLA thread, crashes the process with a segfault in its copy kernel on this machine.) A
+    failed block's NaN reaches the diagonal, as LAPACK's failure does."""
+    n = A.shape[0]
+    if n <= _CHOL_WHOLE:
+        return lax.linalg.cholesky(A, symmetrize_input=False)
+    b = _CHOL_BLOCK
+    L = jnp.zeros_like(A)
+    for j0 in range(0, n, b):
+        j1 = min(j0 + b, n)
+        left = L[j0:j1, :j0]
+        d = A[j0:j1, j0:j1] - (jnp.dot(left, left.T, precision=_HP) if j0 else 0.0)
+        Ljj = lax.linalg.cholesky(d, symmetrize_input=False)
+        L = L.at[j0:j1, j0:j1].set(Ljj)
+        if j1 < n:
+            panel = A[j1:, j0:j1] - (jnp.dot(L[j1:, :j0], left.T, precision=_HP) if j0 else 0.0)
+            inv = lax.linalg.triangular_solve(Ljj, jnp.eye(j1 - j0, dtype=A.dtype), left_side=True, lower=True)
+            L = L.at[j1:, j0:j1].set(jnp.dot(panel, inv.T, precision=_HP))
+    return L
 
 
 def _params_of(cols, valid, spec: QuantSpec):
@@ -129,15 +159,33 @@ def _params_of(cols, valid, spec: QuantSpec):
     return s, z
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static"))
-def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool, static: bool):
-    """Factorise, then (unless that failed) run the column loop. Returns ``(qt, loss, failed)``."""
-    K, N = w.shape
-    Kp = -(-K // block) * block
-    grid = spec.grid
+@functools.partial(jax.jit, static_argnames=("act_order", "Kp"))
+def _factorise(H, damp, *, act_order: bool, Kp: int):
+    """``(L, perm, dead, failed)``: the processing order and the factor of :func:`_factor`.
+
+    A program of its own: inside the column loop's program, OpenBLAS's Cholesky of a
+    28672-wide Hessian (a 70B down_proj) crashes the process (a segfault in its copy kernel,
+    reproduced; alone it runs)."""
     H = H.astype(jnp.float32)
     perm, dead = _order(H, act_order)
     L, _, failed = _factor(H, perm, dead, damp, Kp)
+    return L, perm, dead, failed
+
+
+def _gptq(w, H, damp, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool, static: bool):
+    """Factorise, then (unless that failed) run the column loop. Returns ``(qt, loss, failed)``."""
+    Kp = -(-w.shape[0] // block) * block
+    L, perm, dead, failed = _factorise(H, damp, act_order=act_order, Kp=Kp)
+    return _columns(w, L, perm, dead, failed, spec=spec, lay=lay, block=block, act_order=act_order, static=static)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "lay", "block", "act_order", "static"))
+def _columns(w, L, perm, dead, failed, *, spec: QuantSpec, lay: GroupLayout, block: int, act_order: bool,
+             static: bool):
+    """The column loop given the factor (none when the factorisation failed)."""
+    K, N = w.shape
+    Kp = L.shape[0]
+    grid = spec.grid
     W = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))  # (K, N): row j holds input j
 
     G = lay.groups
@@ -378,13 +426,19 @@ def _sharded_solver(spec, lay, block, act_order, static, mesh):
     axes = tuple(mesh.axis_names)
     cols = P(None, axes)
 
-    def solve(w, H, damp):
-        qt, loss, failed = _gptq(w, H, damp, spec=spec, lay=lay, block=block, act_order=act_order, static=static)
+    def columns(w, L, perm, dead, failed):
+        qt, loss, failed = _columns(w, L, perm, dead, failed, spec=spec, lay=lay, block=block, act_order=act_order,
+                                    static=static)
         return qt, lax.psum(loss, axes), failed
 
     # check_vma off: the solve's loop carries start replicated and become per-device.
-    return jax.jit(distributed.shard_map(solve, mesh=mesh, in_specs=(cols, P(), P()), out_specs=(cols, P(), P()),
-                                         check_vma=False))
+    sharded = jax.jit(distributed.shard_map(columns, mesh=mesh, in_specs=(cols, P(), P(), P(), P()),
+                                            out_specs=(cols, P(), P()), check_vma=False))
+
+    def solve(w, H, damp):  # the factor on every device (H replicated), then the columns split
+        return sharded(w, *_factorise(H, damp, act_order=act_order, Kp=-(-w.shape[0] // block) * block))
+
+    return solve
 
 
 def reconstruction_error(w, qt: QTensor, H) -> float:
