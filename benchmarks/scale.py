@@ -7,7 +7,8 @@ working set, and the statistics and solve steps over 1, 2, 4, 8 devices.
    :func:`jquant.models.hf.stream_hf` and runs :func:`jquant.calibrate.quantize_model`
    (GPTQ W4 g128, act-order, every block linear) with ``read_block`` / ``on_block``: each
    block is read when it starts, and saved to disk and dropped when it ends. Its peak RSS
-   (``ru_maxrss``) is compared with :func:`working_set`, the arithmetic of what one block's
+   (``ru_maxrss``, which starts from the parent's peak at the fork: the parent writing the
+   checkpoint peaks lower than the child) is compared with :func:`working_set`, the arithmetic of what one block's
    work must hold. ``--scale k`` divides hidden, MLP and heads by ``k`` (a quick run).
 2. ``devices``: for each count ``d`` of fake CPU devices
    (``--xla_force_host_platform_device_count``), a child times the Hessian of ``n`` rows of
@@ -122,6 +123,11 @@ def write_checkpoint(d: str, s: dict, layers: int, seed: int = 0) -> int:
     return total
 
 
+def _rss_now() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
 def child_stream(args) -> None:
     """Run in a fresh process: stream-quantize the checkpoint, print a JSON line."""
     import resource
@@ -135,7 +141,7 @@ def child_stream(args) -> None:
     from jquant.models.hf import stream_hf
 
     jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(4)))
-    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Python, JAX, XLA: before any data
+    runtime = _rss_now()  # Python, JAX, XLA: before any data (not ru_maxrss: it keeps the parent's peak)
     t0 = time.perf_counter()
     model, cfg, read_block = stream_hf(args.ckpt, dtype=jnp.bfloat16)
     t_open = time.perf_counter() - t0
