@@ -427,6 +427,28 @@ class _Resume:
             self.lock = None
 
     def load(self) -> tuple[int, list[LayerLog]]:
+        """The last finished block and the logs so far (``-1, []`` for a new job). In a
+        multi-process run every process reads the files process 0 wrote, and all must see
+        the same point (``work_dir`` on a filesystem they share)."""
+        distributed.barrier("jquant: resume point ready")  # process 0 has made work_dir and finished writing
+        try:
+            done, logs, err = *self._load(), None
+        except CheckpointError as e:
+            done, logs, err = -2, [], e
+        seen = distributed.every_process(done)
+        if err is not None:
+            raise err
+        if len(set(seen)) > 1:
+            bad = [p for p, d in enumerate(seen) if d == -2]
+            if bad:
+                raise CheckpointError(f"{self.dir}: process(es) {bad} could not read the resume point (see their "
+                                      "logs); delete the directory to start again")
+            raise CheckpointError(f"{self.dir}: the processes see different resume points (last finished block per "
+                                  f"process: {seen}); the work directory must be on a filesystem every process "
+                                  "shares (a network or cluster filesystem), with the same path")
+        return done, logs
+
+    def _load(self) -> tuple[int, list[LayerLog]]:
         if not os.path.isfile(self.progress):
             return -1, []
         try:
@@ -477,8 +499,11 @@ class _Resume:
 
     def save(self, done: int, block_states: dict, hidden: list, logs: list[LayerLog]) -> None:
         hidden = distributed.to_host(hidden)  # (a collective, before only process 0 goes on)
-        if not distributed.is_writer():
-            return
+        if distributed.is_writer():
+            self._write(done, block_states, hidden, logs)
+        distributed.barrier("jquant: resume point written")  # no process reads it before it is whole
+
+    def _write(self, done: int, block_states: dict, hidden: list, logs: list[LayerLog]) -> None:
         self.save_blocks(block_states)
         if not all(i in self.saved for i in range(done + 1)):
             raise CheckpointError(f"{self.dir}: blocks {sorted(set(range(done + 1)) - self.saved)} were never written")

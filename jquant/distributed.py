@@ -327,7 +327,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Start ``jax.distributed`` for a multi-process run; True when it was started.
 
     Arguments default to the environment: ``JQUANT_COORDINATOR`` (``host:port`` of process
-    0), ``JQUANT_NUM_PROCESSES``, ``JQUANT_PROCESS_ID``; without them (and without JAX's own
+    0), ``JQUANT_NUM_PROCESSES``, ``JQUANT_PROCESS_ID`` (and ``JQUANT_SHUTDOWN_TIMEOUT``, seconds
+    the processes wait at exit for process 0 to finish writing; default 3600); without them (and without JAX's own
     cluster detection: SLURM, Open MPI, Kubernetes, TPU pods) this is a single-process run
     and nothing happens. On CPU, collectives across processes go over gloo. Must be called
     before any other JAX call (the CLI does it first).
@@ -346,7 +347,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                         "(set JQUANT_PROCESS_ID for every process)")
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    # Process 0 writes every file after the last collective (a 70B checkpoint takes a while):
+    # the others wait for it at exit, so the shutdown barrier gets an hour, not JAX's 5 minutes.
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               shutdown_timeout_seconds=_env_int("JQUANT_SHUTDOWN_TIMEOUT") or 3600)
     return True
 
 
@@ -401,6 +405,24 @@ def process_zero_says(value: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (a no-op in one process): e.g. until process 0 has
+    written the files the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def every_process(value: int) -> list[int]:
+    """``value`` of every process, in process order (a collective; ``[value]`` in one process)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int64))).reshape(-1)]
 
 
 def is_writer() -> bool:

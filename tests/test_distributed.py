@@ -304,9 +304,10 @@ def test_two_processes_equal_one_process(tmp_path):
             if p.poll() is None:
                 p.kill()
             log.close()
-    for pid, (p, _) in enumerate(procs):
-        text = (tmp_path / f"p{pid}.log").read_text()
-        assert p.returncode == 0, "\n".join(l for l in text.splitlines() if "Gloo" not in l)[-4000:]
+    logs = {pid: "\n".join(l for l in (tmp_path / f"p{pid}.log").read_text().splitlines() if "Gloo" not in l)
+            for pid in range(2)}
+    assert all(p.returncode == 0 for p, _ in procs), "\n".join(
+        f"--- process {pid} (exit {p.returncode}):\n{logs[pid][-3000:]}" for pid, (p, _) in enumerate(procs))
     assert os.path.isfile(os.path.join(work, "progress.json"))
     model, toks = _ns["tiny"]()
     state, _ = calibrate.quantize_model(model, toks, _ns["RULES"], batch_size=8, progress=False)
@@ -336,3 +337,20 @@ def test_a_second_job_on_the_same_work_dir_is_refused(tmp_path):
                              work_dir=work)
     assert os.path.isfile(os.path.join(work, "progress.json"))
     calibrate._lock(work).close()  # released when the job returned
+
+
+def test_processes_that_see_different_resume_points_are_refused(tmp_path, monkeypatch):
+    """A work_dir on each host's own disk: process 1 sees no resume point where process 0 sees
+    block 0 finished; resuming from different points would hang or mix models, so it is an error."""
+    from jquant import distributed
+    from jquant.errors import CheckpointError
+
+    model, toks = _ns["tiny"]()
+    work = str(tmp_path / "work")
+    calibrate.quantize_model(model, toks, _ns["RULES"][:1], batch_size=8, progress=False, work_dir=work)
+    monkeypatch.setattr(distributed, "every_process", lambda v: [v, -1])
+    with pytest.raises(CheckpointError, match=r"different resume points .*\[1, -1\].*every process shares"):
+        calibrate.quantize_model(model, toks, _ns["RULES"][:1], batch_size=8, progress=False, work_dir=work)
+    monkeypatch.setattr(distributed, "every_process", lambda v: [v, -2])
+    with pytest.raises(CheckpointError, match=r"process\(es\) \[1\] could not read"):
+        calibrate.quantize_model(model, toks, _ns["RULES"][:1], batch_size=8, progress=False, work_dir=work)
