@@ -512,6 +512,33 @@ def _shapes(tree) -> list[tuple[int, ...]]:
     return [tuple(x.shape) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qtensor)]
 
 
+def cmd_report(args) -> int:
+    from jquant import report
+
+    if args.windows < 1 or args.seq_len < 2:
+        print(f"error: --windows must be >= 1 and --seq-len >= 2, got {args.windows} and {args.seq_len}",
+              file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    path = report.write_report(args.dir, args.out, model=not args.no_model, windows=args.windows,
+                               seq_len=args.seq_len, progress=not args.quiet)
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from jquant import report
+
+    path = report.write_compare(args.dirs, args.out, text=args.text, overwrite=True)
+    with open(os.path.join(os.path.dirname(path), "compare.json")) as fh:
+        rows = json.load(fh)
+    print(f"{'recipe':<20} {'bits/w all':>10} {'ppl':>9} {'KL':>8} {'top1 %':>7}   (on {rows['text']})")
+    for r in rows["rows"]:
+        print(f"{r['recipe']:<20} {r['bits_all']:>10.3f} {r['ppl']:>9.3f} {r['kl']:>8.4f} {100 * r['top1']:>7.1f}")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from jquant import recipes
 
@@ -575,6 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     i.add_argument("--overwrite", action="store_true")
     i.set_defaults(fn=cmd_import)
+    p = sub.add_parser("report", help="an HTML report (quality, error by layer, worst layers' weights and "
+                                      "activations, bits/weight, time) of a quantized directory")
+    p.add_argument("dir", help="a directory written by `jquant quantize` (and `jquant eval`)")
+    p.add_argument("--out", default=None, help="report directory (default: DIR/report)")
+    p.add_argument("--no-model", action="store_true",
+                   help="only what the JSON files say (skip loading the model for the weight/activation figures)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows for the activation magnitudes")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window for the activation magnitudes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_report)
+    c = sub.add_parser("compare", help="one table and plot of quality against bits/weight for several quantized "
+                                       "directories of one model")
+    c.add_argument("dirs", nargs="+", help="directories written by `jquant quantize` and `jquant eval`")
+    c.add_argument("--out", required=True, help="output directory (index.html, compare.png, compare.json)")
+    c.add_argument("--text", default=None, help="the evaluation text to compare on (default: fortunes if all have it)")
+    c.set_defaults(fn=cmd_compare)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=cmd_recipes)
     return ap

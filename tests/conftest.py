@@ -4,6 +4,7 @@ Written from the formulas in ``jquant/formats.py``'s docstring and the QuantSpec
 semantics, never by calling jquant internals. Exposed through the ``ref`` fixture.
 """
 
+import os
 import types
 
 import numpy as np
@@ -87,3 +88,66 @@ def int_grid(xg, bits, symmetric=True, full_range=False, zero_type="int", lo=Non
 @pytest.fixture
 def ref():
     return types.SimpleNamespace(f16=f16, grouped=grouped, stored_params=stored_params, int_grid=int_grid)
+
+
+# ----------------------------------------------------------------------------- headless browser
+
+
+class _Page:
+    """What a real browser made of an HTML page: ``images`` (``data-file`` or src → decoded
+    with a size), ``tables`` (id → rows of cell texts, header first), ``text``."""
+
+    def __init__(self, images, tables, text):
+        self.images, self.tables, self.text = images, tables, text
+
+
+_CHECK_JS = ("<script>window.addEventListener('load',()=>{const r=[...document.images].map(i=>[i.dataset.file||"
+             "i.src.slice(0,80),i.complete&&i.naturalWidth>0&&i.naturalHeight>0]);const t={};for(const tb of "
+             "document.querySelectorAll('table[id]')){t[tb.id]=[...tb.rows].map(r=>[...r.cells].map(c=>"
+             "c.textContent.trim()))}const p=document.createElement('pre');p.id='jquant-check';p.textContent="
+             "JSON.stringify({images:r,tables:t,text:document.body.innerText});document.body.appendChild(p)});"
+             "</script>")
+
+
+def _browser_binary():
+    import shutil
+
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("no headless Chromium (scripts/setup_env.sh installs chromium-headless-shell)")
+    pytest.skip("no headless Chromium installed (apt-get install chromium-headless-shell)")
+
+
+def check_page(path: str) -> _Page:
+    """Open ``path`` in headless Chromium and report what it rendered (a copy of the page
+    with a probe script beside it; the page itself has no script)."""
+    import html as _html
+    import json as _json
+    import re
+    import subprocess
+
+    binary = _browser_binary()
+    src = open(path, encoding="utf-8").read()
+    assert "<script" not in src
+    probe = os.path.join(os.path.dirname(path), ".probe.html")
+    with open(probe, "w", encoding="utf-8") as fh:
+        fh.write(src.replace("</body>", _CHECK_JS + "</body>"))
+    try:
+        dom = subprocess.run([binary, "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                              "--dump-dom", "file://" + os.path.abspath(probe)],
+                             capture_output=True, text=True, timeout=120).stdout
+    finally:
+        os.remove(probe)
+    m = re.search(r'<pre id="jquant-check">(.*?)</pre>', dom, re.S)
+    assert m, f"the browser did not run the page's load event: {dom[-500:]}"
+    got = _json.loads(_html.unescape(m.group(1)))
+    return _Page({k: v for k, v in got["images"]}, got["tables"], got["text"])
+
+
+@pytest.fixture
+def browser():
+    """``check_page``: open an HTML file in headless Chromium (see :func:`check_page`)."""
+    return check_page
