@@ -14,6 +14,7 @@ self-contained HTML page (every figure inlined as a PNG, and written beside it):
   show as spikes), with the outlier ratio ``max / median`` of every linear's input;
 - bits/weight split into codes, scales, zeros, indices (g_idx / act-order permutation),
   outliers and the parameters kept in float;
+- the loss curves of QAT and learned rotations, when the job trained them;
 - wall time per stage of the job.
 
 :func:`write_compare` draws quality against bits/weight for several outputs of one model.
@@ -364,6 +365,36 @@ def _fig_bits(parts: dict, params: int) -> bytes:
     return _png(fig)
 
 
+def _fig_training(curves: dict[str, np.ndarray], evals: list) -> bytes:
+    """Loss curves of the job's training phases (QAT, learned rotations) by step."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 3.6), squeeze=False)
+    for a, (name, losses) in zip(axes[0], curves.items()):
+        a.plot(np.arange(1, len(losses) + 1), losses, lw=0.8)
+        a.set(title=name, xlabel="step", ylabel="training loss")
+        if name.startswith("QAT") and evals:
+            b = a.twinx()
+            b.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:red", ms=3)
+            b.set_ylabel("held-out perplexity", color="tab:red")
+    return _png(fig)
+
+
+def _training_curves(res: dict) -> tuple[dict[str, np.ndarray], list]:
+    curves, evals = {}, []
+    qat = (res["layers"] or {}).get("qat")
+    if qat and qat.get("losses"):
+        curves["QAT loss (distillation KL or cross-entropy)"] = np.asarray(qat["losses"], np.float64)
+        evals = [tuple(e) for e in qat.get("evals") or []]
+    rot = os.path.join(res["dir"], "rotations.npz")
+    if os.path.isfile(rot):
+        try:
+            with np.load(rot) as f:
+                curves["learned rotations (SpinQuant) loss"] = np.asarray(f["losses"], np.float64)
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{rot}: cannot read the learned rotations' losses ({e})") from None
+    return curves, evals
+
+
 def _fig_time(seconds: dict, evals: dict) -> bytes:
     plt = _plt()
     items = [(k, float(v)) for k, v in seconds.items() if isinstance(v, (int, float))]
@@ -420,6 +451,10 @@ def _staging(dest: str) -> str:
         return tmp
     except OSError as e:
         raise DataError(f"{dest}: cannot write the report there ({e.strerror or e})") from None
+
+
+_TITLES = {"layers": "Error by layer", "worst": "Worst layers", "activations": "Activations",
+           "bits": "Bits per weight", "training": "Training", "time": "Time"}
 
 
 def quality_rows(res: dict) -> list[list]:
@@ -492,6 +527,11 @@ def write_report(out: str, dest: str | None = None, *, model: bool = True, windo
                      "float model; right: the outlier ratio of every linear's input by block."))
         figs.append(("bits", "bits.png", _fig_bits(analysis["parts"], analysis["params"]),
                      "Bits per parameter by what they store (GGML block formats keep their scales inside the codes)."))
+    curves, train_evals = _training_curves(res)
+    if curves:
+        figs.append(("training", "training.png", _fig_training(curves, train_evals),
+                     "Training loss by step of the job's learned parts" + (" and the held-out perplexity (red)"
+                                                                            if train_evals else "") + "."))
     figs.append(("time", "time.png", _fig_time(m["seconds"], res["evals"]), "Wall time per stage of the job."))
 
     tmp = _staging(dest)
@@ -523,7 +563,7 @@ def write_report(out: str, dest: str | None = None, *, model: bool = True, windo
             parts.append(_table(["linear (worst first)", "‖W−Q‖²/‖W‖²", "recon", "recon RTN", "recon / RTN",
                                  "act outlier ratio"], rows, "layers"))
         for section, name, png, caption in figs:
-            parts.append(f"<h2>{ {'layers': 'Error by layer', 'worst': 'Worst layers', 'activations': 'Activations', 'bits': 'Bits per weight', 'time': 'Time'}[section] }</h2>")
+            parts.append(f"<h2>{ _TITLES[section] }</h2>")
             parts.append(_img(name, png, caption))
             parts.append(f"<p class='note'>{html.escape(caption)}</p>")
         parts.append("</body></html>")

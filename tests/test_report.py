@@ -53,6 +53,23 @@ def test_report_from_results_shows_their_numbers(tmp_path, browser):
     assert report.write_report(out, model=False) == path
 
 
+def test_report_of_a_training_job(tmp_path, browser):
+    """QAT losses (layers.json's qat section) and learned rotations' losses get their curves."""
+    import numpy as np
+
+    out = _job(tmp_path / "job", layers=False)
+    json.dump({"text": "selfgen", "qat": {"losses": [3.0, 2.5, 2.0], "evals": [[2, 55.0]], "tokens_per_second": 9}},
+              open(os.path.join(out, "layers.json"), "w"))
+    np.savez(os.path.join(out, "rotations.npz"), r1=np.eye(2), r2=np.eye(2), losses=np.array([4.0, 3.0]),
+             key=np.asarray("k"))
+    page = browser(report.write_report(out, model=False))
+    assert page.images == {"training.png": True, "time.png": True}
+    assert "Training loss by step" in page.text
+    open(os.path.join(out, "rotations.npz"), "wb").write(b"junk")
+    with pytest.raises(DataError, match="rotations.npz: cannot read"):
+        report.write_report(out, model=False)
+
+
 def test_report_without_evaluation_or_logs(tmp_path, browser):
     check_page = browser
     out = _job(tmp_path / "job", evals=(), layers=False)
