@@ -1,5 +1,5 @@
-"""Fuzzing the model-file loaders: mutated GGUF files, safetensors + config.json directories and
-recipe YAML, each loaded in a worker process under a memory limit and a per-input time limit.
+"""Fuzzing the file loaders: mutated GGUF files, safetensors + config.json directories, recipe
+YAML and Orbax checkpoints of ``jquant.save`` (a restore without error must give the saved values), each loaded in a worker process under a memory limit and a per-input time limit.
 
 Seeds are tiny valid inputs (``tests/models/fuzz_cases.py``: a llama F32 and a tied qwen2 Q4_1
 GGUF, a llama and a qwen2 Hugging Face directory, the recipes of ``configs/``); each input applies
@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import fuzz_cases as fc  # noqa: E402
 
-BAD = ("crash", "memory", "hang", "died")
+BAD = ("wrong", "crash", "memory", "hang", "died")
 
 
 def run_format(fmt: str, seeds, worker: fc.Worker, n: int, seconds: float, seed: int, tmp: Path, keep: Path):
@@ -90,19 +90,26 @@ def main() -> int:
             results[fmt] = run_format(fmt, seeds[fmt], worker, args.n, args.minutes * 60, args.seed, tmp, keep)
     finally:
         worker.close()
-    print(f"\n{'format':<12} {'inputs':>7} {'ok':>6} {'error':>6} {'crash':>6} {'memory':>6} {'hang':>5} "
-          f"{'died':>5} {'in/s':>6} {'slowest s':>9}")
+    print(f"\n{'format':<12} {'inputs':>7} {'ok':>6} {'error':>6} {'wrong':>6} {'crash':>6} {'memory':>6} "
+          f"{'hang':>5} {'died':>5} {'in/s':>6} {'slowest s':>9}")
     for fmt, r in results.items():
         o = r["outcomes"]
-        print(f"{fmt:<12} {r['inputs']:>7} {o['ok']:>6} {o['error']:>6} {o['crash']:>6} {o['memory']:>6} "
-              f"{o['hang']:>5} {o['died']:>5} {r['inputs_per_s']:>6} {r['slowest_input_s']:>9}")
+        print(f"{fmt:<12} {r['inputs']:>7} {o['ok']:>6} {o['error']:>6} {o['wrong']:>6} {o['crash']:>6} "
+              f"{o['memory']:>6} {o['hang']:>5} {o['died']:>5} {r['inputs_per_s']:>6} {r['slowest_input_s']:>9}")
     for fmt, r in results.items():
         print(f"{fmt} errors: " + ", ".join(f"{k} {v}" for k, v in r["errors_by_class"].items()))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    runs = {}
+    if os.path.isfile(args.json):  # results of formats not run this time are kept
+        with open(args.json) as fh:
+            old = json.load(fh)
+        runs = {fmt: {**r, "command": r.get("command", old.get("command"))} for fmt, r in old.get("results", {}).items()}
+    command = " ".join(sys.argv)
+    runs.update({fmt: {**r, "command": command} for fmt, r in results.items()})
     with open(args.json, "w") as fh:
         json.dump({"benchmark": "fuzz", "machine": platform.processor() or platform.machine(),
                    "cpus": os.cpu_count(), "seed": args.seed, "memory_limit_gib": args.memory_gib,
-                   "time_limit_s": args.time_limit, "command": " ".join(sys.argv), "results": results}, fh, indent=2)
+                   "time_limit_s": args.time_limit, "command": command, "results": runs}, fh, indent=2)
     print(f"wrote {args.json}; findings' inputs in {keep}")
     return 1 if any(r["outcomes"][k] for r in results.values() for k in BAD) else 0
 

@@ -147,19 +147,16 @@ def load_meta(path: str | os.PathLike) -> dict:
     leaves = meta.get("leaves")
     if not isinstance(leaves, list):
         raise CheckpointError(f"{path}: checkpoint metadata has no list of leaves")
+    seen = set()
     for i, e in enumerate(leaves):
         where = e.get("path", f"leaf #{i}") if isinstance(e, dict) else f"leaf #{i}"
-        ok = (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("keys"), list)
-              and sum(k in e for k in ("qtensor", "array", "value")) == 1)
-        if ok and "qtensor" in e:
-            m = e["qtensor"]
-            ok = isinstance(m, dict) and all(k in m for k in _QT_FIELDS) and isinstance(m["parts"], dict)
-        if ok and version >= 2 and "value" not in e:
-            want = set(e["qtensor"]["parts"]) if "qtensor" in e else {"array"}
-            ok = isinstance(e.get("sha256"), dict) and set(e["sha256"]) == want
-        if not ok:
-            raise CheckpointError(f"{path}: metadata entry of {where!r} is malformed (needs path, keys, one of "
-                                  f"qtensor/array/value{', and a sha256 per array' if version >= 2 else ''})")
+        why = _malformed(e, version)
+        if why:
+            raise CheckpointError(f"{path}: metadata entry of {str(where)[:200]!r} is malformed: {why}")
+        key = tuple(tuple(k) for k in e["keys"])
+        if key in seen or (not key and len(leaves) > 1):
+            raise CheckpointError(f"{path}: metadata entry of {where!r}: its key path repeats another leaf's")
+        seen.add(key)
     if version < 2:
         warnings.warn(f"{path}: checkpoint format version {version} has no checksums; its arrays are restored "
                       "unverified (save it again to add them)", CheckpointWarning, stacklevel=3)
@@ -167,14 +164,74 @@ def load_meta(path: str | os.PathLike) -> dict:
 
 
 _QT_FIELDS = ("shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method", "parts")
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+           "int64", "uint64", "bool")
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _bad_array(a) -> str | None:
+    """Why ``a`` is not ``[shape (list of ints >= 0), dtype name]``, or None."""
+    if not (isinstance(a, list) and len(a) == 2 and isinstance(a[0], list) and all(_is_int(n) for n in a[0])):
+        return f"an array's [shape, dtype] is {str(a)[:80]}, not a list of sizes >= 0 and a dtype name"
+    if a[1] not in _DTYPES:
+        return f"dtype {str(a[1])[:40]!r} is not one of {', '.join(_DTYPES)}"
+    return None
+
+
+def _malformed(e, version: int) -> str | None:
+    """Why a leaf entry of the metadata cannot be a checkpoint's (every field checked for its
+    type and range before any is used), or None."""
+    if not isinstance(e, dict) or not isinstance(e.get("path"), str) or not isinstance(e.get("keys"), list):
+        return "it needs a string path and a list of keys"
+    for k in e["keys"]:
+        if not (isinstance(k, list) and len(k) == 2 and k[0] in ("dict", "seq", "attr", "other")
+                and (_is_int(k[1]) if k[0] == "seq" else isinstance(k[1], (str, int)) and not isinstance(k[1], bool))):
+            return f"key {str(k)[:60]} is not [dict|attr|other, name] or [seq, index >= 0]"
+    if sum(k in e for k in ("qtensor", "array", "value")) != 1:
+        return "it needs exactly one of qtensor, array, value"
+    if "array" in e:
+        parts = {"array": e["array"]}
+    elif "qtensor" in e:
+        m = e["qtensor"]
+        if not (isinstance(m, dict) and all(k in m for k in _QT_FIELDS)):
+            return f"a QTensor needs {', '.join(_QT_FIELDS)}"
+        if not (isinstance(m["shape"], list) and all(_is_int(n) for n in m["shape"]) and isinstance(m["dtype"], str)
+                and isinstance(m["grid"], dict) and isinstance(m["granularity"], str) and _is_int(m["group_size"])
+                and isinstance(m["axis"], int) and not isinstance(m["axis"], bool) and m["word_bits"] in (8, 32)
+                and isinstance(m["method"], str) and isinstance(m["parts"], dict) and "codes" in m["parts"]
+                and set(m["parts"]) <= set(_PARTS)):
+            return "a QTensor field has the wrong type or range (shape, dtype, grid, group_size, axis, word_bits, parts)"
+        parts = m["parts"]
+    else:
+        return None
+    for part, a in parts.items():
+        why = _bad_array(a)
+        if why:
+            return f"part {part!r}: {why}"
+    if version >= 2:
+        sha = e.get("sha256")
+        if not (isinstance(sha, dict) and set(sha) == set(parts) and all(isinstance(v, str) and _HEX.fullmatch(v)
+                                                                          for v in sha.values())):
+            return "it needs a SHA-256 (64 hex digits) of every array"
+    return None
 
 
 class _Seq(dict):
     """A list under construction (index -> value)."""
 
 
+class _Leaf:
+    def __init__(self, value):
+        self.value = value
+
+
 def _rebuild(entries: list[dict], values: list[Any]):
-    """Nested dicts (dict keys) and lists (sequence keys) from typed key paths."""
+    """Nested dicts (dict keys) and lists (sequence keys) from typed key paths; a path that
+    runs through another leaf, or a container where a leaf goes, raises TypeError."""
     root: dict = {}
     for entry, value in zip(entries, values):
         keys = entry["keys"]
@@ -182,15 +239,24 @@ def _rebuild(entries: list[dict], values: list[Any]):
             return value
         node = root
         for (_, k), (next_kind, _) in zip(keys[:-1], keys[1:]):
-            node = node.setdefault(k, _Seq() if next_kind == "seq" else {})
-        node[keys[-1][1]] = value
+            child = node.get(k)
+            if child is None:
+                child = node[k] = _Seq() if next_kind == "seq" else {}
+            elif isinstance(child, _Leaf) or isinstance(child, _Seq) != (next_kind == "seq"):
+                raise TypeError(f"leaf {entry['path']!r} goes through another leaf or a container of another kind")
+            node = child
+        if keys[-1][1] in node:
+            raise TypeError(f"leaf {entry['path']!r} lands where another leaf or container is")
+        node[keys[-1][1]] = _Leaf(value)
 
     def finish(node):
+        if isinstance(node, _Leaf):
+            return node.value
         if isinstance(node, _Seq):
+            if sorted(node) != list(range(len(node))):
+                raise TypeError(f"a list's indices {sorted(node)[:8]} are not 0..{len(node) - 1}")
             return [finish(node[i]) for i in sorted(node)]
-        if isinstance(node, dict):
-            return {k: finish(v) for k, v in node.items()}
-        return node
+        return {k: finish(v) for k, v in node.items()}
 
     return finish(root)
 
@@ -267,13 +333,17 @@ def restore(path: str | os.PathLike, *, target=None,
                          word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm"),
                          outlier_idx=parts.get("outlier_idx"), outlier_w=parts.get("outlier_w"))
             check_parts(qt, strict=True)
-        except (JQuantError, TypeError, KeyError) as err:
+        except (JQuantError, TypeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{path}: leaf {e['path']!r}: its QTensor parts disagree with its metadata: "
                                   f"{err}") from err
         check_values(qt, f"{path}: leaf {e['path']!r}")
         values.append(qt)
     if target is None:
-        return _rebuild(entries, values)
+        try:
+            return _rebuild(entries, values)
+        except (TypeError, AttributeError, KeyError) as err:  # key paths that cannot form one tree
+            raise CheckpointError(f"{path}: the leaves' key paths do not form one tree ({type(err).__name__}: "
+                                  f"{err}); the metadata is corrupt") from None
     by_path = {e["path"]: v for e, v in zip(entries, values)}
     return jax.tree_util.tree_unflatten(treedef, [by_path[path_str(k)] for k, _ in t_leaves])
 

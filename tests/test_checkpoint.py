@@ -287,13 +287,42 @@ def test_target_of_other_shape_or_dtype(big):
     (lambda p: p.write_text(p.read_text().replace('"format_version": 2', '"format_version": 7')),
      ["format_version 7", "readable: 1, 2"]),
     (lambda p: p.write_text(p.read_text().replace('"keys"', '"kees"')), ["metadata entry of", "malformed"]),
-    (lambda p: p.write_text(p.read_text().replace('"sha256"', '"sha"')), ["malformed", "sha256 per array"]),
+    (lambda p: p.write_text(p.read_text().replace('"sha256"', '"sha"')), ["malformed", "SHA-256 (64 hex digits)"]),
     (lambda p: p.unlink(), ["cannot read checkpoint metadata"]),
 ])
 def test_damaged_manifest(big, tmp_path, damage, words):
     _, path = big
     ck = _copy(path, tmp_path / "ck")
     damage(ck / "meta" / "metadata")
+    with pytest.raises(CheckpointError) as ei:
+        jquant.restore(ck)
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
+
+
+def _first(kind):
+    return lambda m: next(e for e in m["leaves"] if kind in e)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: _first("qtensor")(m)["qtensor"]["parts"]["scale"].__setitem__(1, "0"), ["part 'scale'", "dtype '0'"]),
+    (lambda m: _first("qtensor")(m)["qtensor"]["parts"]["codes"].__setitem__(0, [-1, 3]), ["part 'codes'", ">= 0"]),
+    (lambda m: _first("array")(m)["array"].__setitem__(0, [True, 2]), ["part 'array'", "sizes >= 0"]),
+    (lambda m: _first("qtensor")(m)["qtensor"].__setitem__("word_bits", 7), ["QTensor field"]),
+    (lambda m: _first("qtensor")(m)["qtensor"].__setitem__("group_size", "32"), ["QTensor field"]),
+    (lambda m: _first("qtensor")(m)["qtensor"]["parts"].__setitem__("bogus", [[1], "uint8"]), ["QTensor field"]),
+    (lambda m: _first("qtensor")(m)["sha256"].__setitem__("codes", "zz"), ["SHA-256"]),
+    (lambda m: _first("array")(m).__setitem__("keys", [["seq", "x"]]), ["key ['seq', 'x']"]),
+    (lambda m: _first("array")(m).__setitem__("keys", _first("qtensor")(m)["keys"]), ["repeats another leaf"]),
+    (lambda m: _first("array")(m).__setitem__("keys", _first("qtensor")(m)["keys"] + [["dict", "x"]]),
+     ["do not form one tree"]),
+])
+def test_metadata_fields_of_wrong_type_or_range(big, tmp_path, edit, words):
+    """Found by fuzzing: each field of the metadata is checked before it is used (a dtype of
+    '0' was a bare TypeError from numpy, a key path of another leaf's a silent merge)."""
+    _, path = big
+    ck = _copy(path, tmp_path / "ck")
+    _edit_meta(ck, edit)
     with pytest.raises(CheckpointError) as ei:
         jquant.restore(ck)
     for w in words:

@@ -6,10 +6,14 @@ Used by ``tests/models/test_fuzz_files.py`` (a short slice driven by hypothesis)
 
 - ``gguf``: a tiny llama (F32) and a tiny tied qwen2 (Q4_1) GGUF, loaded with ``load_gguf``;
 - ``safetensors``: a directory with ``config.json`` + ``model.safetensors``, loaded with ``load_hf``;
-- ``recipe``: the YAML recipes of ``configs/``, loaded with ``load_recipe``.
+- ``recipe``: the YAML recipes of ``configs/``, loaded with ``load_recipe``;
+- ``orbax``: checkpoints of ``jquant.save`` (QTensors of several kinds, float32 and bfloat16
+  arrays), restored with ``jquant.restore``; a restore that succeeds must give exactly the saved
+  values (else ``wrong``: a silently wrong result).
 
 Every outcome is classified: ``ok`` (loaded, and the result passes its invariants), ``error``
-(a ``jquant.errors`` error), ``crash`` (any other exception; ``memory`` for ``MemoryError``),
+(a ``jquant.errors`` error), ``wrong`` (loaded without error but not the saved values),
+``crash`` (any other exception; ``memory`` for ``MemoryError``),
 ``hang`` (over the per-input time limit), ``died`` (the worker process was killed, e.g. by a
 signal). Only ``ok`` and ``error`` are acceptable.
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("gguf", "safetensors", "recipe")
+FORMATS = ("gguf", "safetensors", "recipe", "orbax")
 REPO = Path(__file__).resolve().parents[2]
 INTERESTING = (0, 1, 2, 3, 7, 8, 31, 32, 255, 256, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40,
                2**60, 2**62, 2**63 - 1, 2**64 - 1)
@@ -123,7 +127,54 @@ def make_seeds(root: Path) -> dict[str, list[Path]]:
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         seeds["safetensors"].append(d)
     seeds["recipe"] = sorted((REPO / "configs").glob("*.yaml"))
+    seeds["orbax"] = orbax_seeds(root)
     return seeds
+
+
+def orbax_seeds(root: Path) -> list[Path]:
+    """Two ``jquant.save`` checkpoints, each with ``<name>.expected.npz`` beside it: every leaf's
+    values (QTensors dequantized) and metadata, what a correct restore must give."""
+    import jax.numpy as jnp
+
+    import jquant as jq
+    from jquant.qtensor import is_qtensor
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(0, 1, (256, 64)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (64, 256)) * np.where(rng.random(256) < 0.05, 30.0, 1.0), jnp.float32)
+    from jquant.quantizers import collect
+
+    stats = collect(["hessian", "act_abs_max"], [x])
+    trees = {
+        "ck_int": {"a": jq.quantize(w, jq.QuantSpec(bits=4, group_size=32, symmetric=False)),
+                   "b": jq.quantize(w, jq.QuantSpec(bits=8, granularity="channel")),
+                   "norm": jnp.ones((64,), jnp.bfloat16), "emb": w[:16].astype(jnp.float32)},
+        "ck_mixed": {"gptq": jq.quantize(w, jq.QuantSpec(method="gptq", bits=3, group_size=64,
+                                                         options={"act_order": True}), stats),
+                     "q4k": jq.quantize(w, jq.QuantSpec(method="kquant", format="q4_k")),
+                     "nf4": jq.quantize(w, jq.QuantSpec(format="nf4", group_size=64)),
+                     "outliers": jq.quantize(w, jq.QuantSpec(method="outliers", bits=4, group_size=32,
+                                                             options={"threshold": 6.0}), stats)},
+    }
+    out = []
+    for name, tree in trees.items():
+        d = root / name
+        jq.save(d, tree, overwrite=True)
+        expect = {}
+        for k, v in tree.items():
+            expect[k] = np.asarray(v.dequantize(jnp.float32) if is_qtensor(v) else v.astype(jnp.float32))
+            expect[k + ".meta"] = np.asarray(_meta(v))
+        np.savez(root / f"{name}.expected.npz", **expect)
+        out.append(d)
+    return out
+
+
+def _meta(v) -> str:
+    from jquant.qtensor import is_qtensor
+
+    if is_qtensor(v):
+        return repr((v.shape, v.dtype, v.grid, v.granularity, v.group_size, v.axis, v.method))
+    return repr((tuple(v.shape), str(v.dtype)))
 
 
 # -- mutations --------------------------------------------------------------------------------------
@@ -287,6 +338,29 @@ def mutate(fmt: str, seed: Path, out: Path, draw, fields_cache: dict) -> Path:
                     data = _bytes_mutation(data, draw, hlen)
                 st.write_bytes(data)
         return out
+    if fmt == "orbax":
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(seed, out)
+        shutil.copy(seed.parent / f"{seed.name}.expected.npz", out.parent / f"{out.name}.expected.npz")
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        for _ in range(steps):
+            f = draw.pick(files)
+            if not f.exists():
+                continue
+            kind = draw.int(0, 9)
+            if kind == 0:  # a file lost
+                f.unlink()
+                continue
+            data = f.read_bytes()
+            if kind <= 3 and data[:1] in (b"{", b"["):  # a JSON file's values edited
+                try:
+                    f.write_bytes(json.dumps(_json_edit(json.loads(data), draw)).encode())
+                    continue
+                except ValueError:
+                    pass
+            f.write_bytes(_bytes_mutation(data, draw, len(data)))
+        return out
     text = seed.read_bytes()
     for _ in range(steps):
         text = _yaml_mutation(text, draw)
@@ -300,6 +374,23 @@ def _load(fmt: str, path: str) -> str:
     """Load one input; return ``"ok"`` or raise. ``ok`` results are checked for invariants."""
     import jax
 
+    if fmt == "orbax":
+        import jquant as jq
+        from jquant.qtensor import is_qtensor
+
+        tree = jq.restore(path)
+        with np.load(f"{path}.expected.npz") as f:
+            expect = dict(f)
+        keys = sorted(k for k in expect if not k.endswith(".meta"))
+        if not isinstance(tree, dict) or sorted(tree) != keys:
+            raise WrongResult(f"restored leaves {sorted(tree) if isinstance(tree, dict) else type(tree)} != {keys}")
+        for k in keys:
+            v = tree[k]
+            got = np.asarray(v.dequantize(jax.numpy.float32) if is_qtensor(v) else v.astype(np.float32))
+            if _meta(v) != str(expect[k + ".meta"]) or got.shape != expect[k].shape or not np.array_equal(
+                    got, expect[k], equal_nan=True):
+                raise WrongResult(f"leaf {k!r} restored without error but differs from what was saved")
+        return "ok"
     if fmt == "recipe":
         from jquant.recipes import Recipe, load_recipe
         from jquant.spec import QuantSpec
@@ -321,6 +412,10 @@ def _load(fmt: str, path: str) -> str:
     return "ok"
 
 
+class WrongResult(Exception):
+    """A load that succeeded with values other than the saved ones."""
+
+
 def classify(fmt: str, path: str) -> tuple[str, str]:
     """``(outcome, detail)`` of loading one input in this process."""
     from jquant.errors import JQuantError
@@ -329,6 +424,8 @@ def classify(fmt: str, path: str) -> tuple[str, str]:
         return _load(fmt, path), ""
     except JQuantError as e:
         return "error", type(e).__name__
+    except WrongResult as e:
+        return "wrong", str(e)
     except MemoryError:
         return "memory", traceback.format_exc(limit=-3)
     except BaseException as e:  # noqa: BLE001 — anything else is a finding

@@ -1,5 +1,5 @@
-"""A short fuzzing slice: mutated GGUF files, safetensors + config.json directories and recipe
-YAML are either loaded correctly or refused with a ``jquant.errors`` error, never a crash, a
+"""A short fuzzing slice: mutated GGUF files, safetensors + config.json directories, recipe
+YAML and Orbax checkpoints are either loaded correctly (a checkpoint: exactly the saved values) or refused with a ``jquant.errors`` error, never a crash, a
 hang or a memory blow-up (each input runs in a worker under ``RLIMIT_AS`` and a time limit).
 
 The long run is ``benchmarks/fuzz.py`` (>= 10,000 inputs per format); the mutations are shared
@@ -71,3 +71,9 @@ def test_fuzz_safetensors(seeds, worker, workdir, data):
 @given(data=st.data())
 def test_fuzz_recipe(seeds, worker, workdir, data):
     _check("recipe", seeds, worker, workdir, data)
+
+
+@SLICE
+@given(data=st.data())
+def test_fuzz_orbax_checkpoint(seeds, worker, workdir, data):
+    _check("orbax", seeds, worker, workdir, data)
