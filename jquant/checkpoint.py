@@ -86,7 +86,7 @@ def save(path: str | os.PathLike, tree, *, overwrite: bool = False) -> None:
         entry: dict[str, Any] = {"path": path_str(keypath), "keys": [_key_json(k) for k in keypath]}
         if is_qtensor(leaf):
             try:
-                check_parts(leaf, strict=True)
+                check_parts(leaf)
             except JQuantError as e:
                 raise type(e)(at(entry["path"], str(e))) from None
             check_values(leaf, entry["path"])
@@ -332,7 +332,7 @@ def restore(path: str | os.PathLike, *, target=None,
                          granularity=m["granularity"], group_size=m["group_size"], axis=m["axis"],
                          word_bits=m["word_bits"], method=m["method"], perm=parts.get("perm"),
                          outlier_idx=parts.get("outlier_idx"), outlier_w=parts.get("outlier_w"))
-            check_parts(qt, strict=True)
+            check_parts(qt)
         except (JQuantError, TypeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{path}: leaf {e['path']!r}: its QTensor parts disagree with its metadata: "
                                   f"{err}") from err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import os
 import sys
 import time
@@ -142,8 +143,13 @@ def cmd_quantize(args) -> int:
         print(f"error: --out {out} is an existing file, not a directory", file=sys.stderr)
         return 2
     if os.path.exists(ckpt) and not args.overwrite:
-        print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
-        return 2
+        if os.path.isfile(os.path.join(out, MANIFEST)):  # a finished job's output
+            print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
+            return 2
+        # params/ without jquant.json (written last): a job killed while saving; this run
+        # finishes it (its calibration resumes from out/work) and replaces params/.
+        print(f"note: {ckpt} is from a job that did not finish (no {MANIFEST}); it will be replaced",
+              file=sys.stderr)
     data_driven = any(needs_data(sp) for _, sp in recipe.rules)
     learned = recipe.rotation is not None and recipe.rotation.kind == "learned"
     writer = distributed.is_writer()  # in a multi-process run, process 0 writes every file
@@ -228,7 +234,15 @@ def cmd_quantize(args) -> int:
         bar.close()
     t1 = time.perf_counter()
     if writer:
-        jq.save(ckpt, qstate, overwrite=args.overwrite)
+        # The manifest and evaluations of an earlier job here describe other parameters: gone
+        # before params/ changes (the manifest, written last, then always names what is saved).
+        import glob
+
+        for stale in [os.path.join(out, MANIFEST)] + glob.glob(os.path.join(out, "eval_*.json")):
+            if os.path.exists(stale):
+                os.remove(stale)
+        shutil.rmtree(os.path.join(out, "report"), ignore_errors=True)
+        jq.save(ckpt, qstate, overwrite=True)  # refused above unless --overwrite or an unfinished job's
     t_save = time.perf_counter() - t1
     s_q = jq.summary(qstate)
     manifest = {
@@ -464,8 +478,13 @@ def cmd_import(args) -> int:
     out = os.path.abspath(args.out)
     ckpt = os.path.join(out, "params")
     if os.path.exists(ckpt) and not args.overwrite:
-        print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
-        return 2
+        if os.path.isfile(os.path.join(out, MANIFEST)):  # a finished job's output
+            print(f"error: {ckpt} exists (use --overwrite)", file=sys.stderr)
+            return 2
+        # params/ without jquant.json (written last): a job killed while saving; this run
+        # finishes it (its calibration resumes from out/work) and replaces params/.
+        print(f"note: {ckpt} is from a job that did not finish (no {MANIFEST}); it will be replaced",
+              file=sys.stderr)
     model, config, tok, src, t_load = _load_model(args.src, args.dtype)
     qstate = nnx.state(model)
     s_q = jq.summary(qstate)

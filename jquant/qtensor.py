@@ -288,15 +288,14 @@ def _expected_parts(qt) -> dict[str, tuple[tuple[int, ...] | None, str, str]]:
     return want
 
 
-def check_parts(qt, *, strict: bool = False) -> None:
+def check_parts(qt) -> None:
     """Check a QTensor's arrays against its static metadata (shapes and dtypes, not values).
 
     Shapes are checked for concrete arrays, tracers and abstract values alike (they are
     static); leaves that are not arrays (the placeholders jax unflattens pytrees with) are
     skipped. Parts may share leading batch axes (a QTensor stacked by ``tree_map`` for
     ``vmap``/``scan``). Values (finite scales, indices in range) are checked by
-    :func:`check_values`, which reads the arrays. ``strict`` refuses the one transitional
-    shape the constructor lets through (a ``bcq`` scale without its bit-plane axis).
+    :func:`check_values`, which reads the arrays.
 
     Raises:
       SpecError: metadata no QTensor can have (format, granularity, axis, word size, dtype).
@@ -352,11 +351,6 @@ def check_parts(qt, *, strict: bool = False) -> None:
                                  + (f" ({why})" if why else "") + "; valid: None")
         got = tuple(a.shape)
         lead = len(got) - len(exp)
-        if not strict and qt.grid.fmt == "bcq" and part == "scale" and lead == -1 and got == exp[1:]:
-            # TODO(bcq.py): _bcq assembles its QTensor in two steps (pack_qtensor with one plane's
-            # scale, then the (bits,) + param_shape stack), so the constructor lets a plane-less
-            # bcq scale through; checkpoint save/restore pass strict=True.
-            continue
         if lead < 0 or got[lead:] != exp:
             raise ShapeError(f"{desc}: {part} has shape {got}, expected {exp} ({why})")
         if prefix is None:

@@ -90,3 +90,20 @@ def test_sigkill_harness_slice(tmp_path):
     result = json.loads(out.read_text())
     assert result["trials"] == 2 and rc == (0 if result["identical"] == 2 else 1)
     assert result["identical"] == 2, [t["difference"] for t in result["details"]]
+
+
+def test_atomic_writes_reach_the_disk(tmp_path, monkeypatch):
+    """Each atomic write flushes the file and then its directory entry (fsync) around the
+    rename, so a power loss leaves the old file or the whole new one."""
+    from jquant import _atomic
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real(fd))
+    _atomic.write_json(str(tmp_path / "a.json"), {"x": 1})
+    _atomic.write_npy(str(tmp_path / "b.npy"), np.arange(3))
+    _atomic.write_npz(str(tmp_path / "c.npz"), y=np.arange(2))
+    assert synced == [str(tmp_path / "a.json.tmp"), str(tmp_path), str(tmp_path / "b.npy.tmp.npy"), str(tmp_path),
+                      str(tmp_path / "c.npz.tmp.npz"), str(tmp_path)]
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.npy", "c.npz"]
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npz")["y"], np.arange(2))

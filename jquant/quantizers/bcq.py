@@ -242,9 +242,8 @@ def bcq_solve(xg, iters, *, k: int, scale_dtype: str = "float16"):
 def _bcq(w, iters, *, spec: QuantSpec, lay: GroupLayout):
     xg = lay.to_groups(w.astype(jnp.float32))
     a, c, e, eg, _, rounds, over = bcq_solve(xg, iters, k=spec.bits, scale_dtype=spec.scale_dtype)
-    qt = pack_qtensor(lay.from_groups(c), a[:, :1, :], None, lay, spec, w.dtype, method="bcq")
     scale = jnp.stack([lay.params_to_stored(a[:, i : i + 1, :]) for i in range(spec.bits)])  # (k,) + param_shape
-    qt = dataclasses.replace(qt, scale=scale.astype(spec.scale_dtype))
+    qt = pack_qtensor(lay.from_groups(c), scale, None, lay, spec, w.dtype, method="bcq", scale_stored=True)
     return qt, jnp.sum(e), jnp.sum(eg), rounds, over, jnp.max(jnp.abs(w)).astype(jnp.float32)
 
 

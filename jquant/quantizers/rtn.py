@@ -58,9 +58,10 @@ def grid_params(xg, spec: QuantSpec):
 
 
 def pack_qtensor(codes, scale, zero, lay: GroupLayout, spec: QuantSpec, dtype, g_idx=None,
-                 method: str = "rtn") -> QTensor:
-    """Assemble a QTensor from logical-shape codes and ``(G,1,R)`` parameters."""
-    scale = lay.params_to_stored(scale).astype(spec.scale_dtype)
+                 method: str = "rtn", scale_stored: bool = False) -> QTensor:
+    """Assemble a QTensor from logical-shape codes and ``(G,1,R)`` parameters (``scale``
+    already in its stored shape when ``scale_stored``: BCQ's ``(bits,) + param_shape``)."""
+    scale = (scale if scale_stored else lay.params_to_stored(scale)).astype(spec.scale_dtype)
     if zero is not None:
         zdt = jnp.uint8 if spec.zero_type == "int" else spec.scale_dtype
         zero = lay.params_to_stored(zero).astype(zdt)

@@ -34,6 +34,22 @@ def test_cli_quantize_and_eval_rtn_w4(rtn_job):
     assert 0.0 < res["kl"] < 1.0 and 0.5 < res["top1"] <= 1.0, res
 
 
+def test_a_job_killed_while_saving_is_finished_by_the_next_run(rtn_job, tmp_path, capsys):
+    """params/ without jquant.json (killed between the two writes) is an unfinished job: the
+    next run without --overwrite finishes it instead of refusing; the earlier evaluation, of
+    other parameters, does not survive into the new directory."""
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(rtn_job, out)
+    os.remove(os.path.join(out, "jquant.json"))
+    assert os.path.isfile(os.path.join(out, "eval_pydoc.json"))
+    assert cli.main(["quantize", "--recipe", "rtn_w4_g64", "--out", out, "--quiet"]) == 0
+    assert "did not finish" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(out, "jquant.json")) and not os.path.exists(os.path.join(out, "eval_pydoc.json"))
+    assert cli.main(["quantize", "--recipe", "rtn_w4_g64", "--out", out, "--quiet"]) == 2  # finished: refused
+
+
 def test_eval_without_quantize_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "run `jquant quantize" in capsys.readouterr().err
