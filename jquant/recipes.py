@@ -129,6 +129,10 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
             parse_mesh(d["mesh"])
         except SpecError as e:
             raise SpecError(f"{source}: {e}") from None
+    if d.get("qat") is not None and any(sp is not None and sp.method == "awq" for _, sp in rules):
+        raise SpecError(f"{source}: a qat section after AWQ rules is not supported (AWQ folds its scales into the "
+                        "norms, which QAT would take from the unscaled float model); use method: gptq (QAT starts "
+                        "from its result) or rtn")
     return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
                   activations=_activation_rules(d.get("activations"), source),

@@ -94,6 +94,9 @@ def test_qat_section():
         recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"step": 3}}, "doc")
     with pytest.raises(SpecError, match=r"qat: QAT objective='mse'; valid: kl, ce"):
         recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"objective": "mse"}}, "doc")
+    awq = {"pattern": "proj/kernel$", "spec": {"method": "awq", "bits": 4, "group_size": 64}}
+    with pytest.raises(SpecError, match=r"qat section after AWQ rules is not supported"):
+        recipes.recipe_from_dict({"rules": [awq], "qat": {"steps": 3}}, "doc")
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):

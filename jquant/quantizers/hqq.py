@@ -30,7 +30,9 @@ jquant differs from the reference in three ways, each measured on model output:
 
 One jitted solve (``lax.while_loop``) over all groups of a matrix. Options
 (:class:`HQQOptions`): ``lp_norm`` (p, 0 < p ≤ 1; 0.7), ``beta`` (β₀; 10), ``kappa`` (κ;
-1.01), ``iters`` (20), ``early_stop`` (True), ``optimize_scale`` (False).
+1.01), ``iters`` (20), ``early_stop`` (True), ``optimize_scale`` (unset: on with an integer
+zero, off with a float minimum), ``objective_norm`` (unset: 4 with an integer zero, 2 with a
+float minimum), ``int_init`` (True; float minimum only).
 """
 
 from __future__ import annotations
