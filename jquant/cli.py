@@ -88,7 +88,10 @@ def _prepare(model, recipe, quiet: bool = True, tokens=None, rotations: str | No
                 weight_rules_for_learning(recipe.rules)
             res = learn_rotations(qmodel, tokens, weight_rules=wr, steps=spec.steps, learning_rate=spec.learning_rate,
                                   batch_size=spec.batch_size, kind="hadamard", seed=spec.seed, online=spec.online,
-                                  objective=spec.objective, progress=not quiet)
+                                  objective=spec.objective, progress=not quiet,
+                                  work_dir=None if rotations is None else  # this job's learning only
+                                  os.path.join(os.path.dirname(rotations), "work", "rotations-"
+                                               + hashlib.sha256(key.encode()).hexdigest()[:16]))
             r1, r2 = res.r1, res.r2
             write_npz(rotations, r1=r1, r2=r2, losses=np.asarray(res.losses), key=np.asarray(key))
         model, notes = fuse_rotations(model, r1, r2, online=spec.online)

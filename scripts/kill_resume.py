@@ -1,5 +1,5 @@
-"""Kill a GPTQ calibration job with SIGKILL at random moments, resume it, and compare the
-result bit for bit with an uninterrupted run.
+"""Kill a GPTQ calibration job (or, ``--job qat``, a QAT run) with SIGKILL at random moments,
+resume it, and compare the result bit for bit with an uninterrupted run.
 
 The job (``--child``, one process) builds a tiny random Llama (``jquant.models.init_model``),
 draws calibration tokens, runs ``jquant.calibrate.quantize_model`` with GPTQ W3 g32
@@ -19,7 +19,7 @@ microseconds).
 
 Usage:
   python scripts/kill_resume.py [--trials 20] [--max-kills 3] [--delay 0.05] [--seed 0]
-                                [--dtype float32|bfloat16] [--layers 3] [--json out.json]
+                                [--dtype float32|bfloat16] [--layers 3] [--job gptq|qat] [--json out.json]
 Exit status 0 when every trial is identical.
 """
 
@@ -47,7 +47,7 @@ LIN = r"(q|k|v|o|gate|up|down)_proj/kernel$"
 # ---------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------
-def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = None) -> int:
+def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = None, job: str = "gptq") -> int:
     if delay > 0:  # widen the windows around every atomic rename
         real_replace = os.replace
         rnd = random.Random(os.getpid() ^ time.time_ns())
@@ -75,6 +75,18 @@ def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = N
                       num_attention_heads=4, num_key_value_heads=2)
     model = init_model(cfg, key=0, dtype=jnp.dtype(dtype))
     toks = np.random.default_rng(0).integers(0, 128, size=(16, 64)).astype(np.int32)
+    if job == "qat":  # W2 g32 QAT (LSQ+ scales, distillation), a checkpoint after every step
+        from jquant import qat
+
+        spec = jq.QuantSpec(bits=2, group_size=32, symmetric=False)
+        Path(out, "started").touch()
+        res = qat.train(model, toks, [(LIN, spec)], qat.QATConfig(steps=12, batch_size=4, checkpoint_every=1,
+                                                                  learning_rate=1e-4, warmup_steps=2),
+                        work_dir=os.path.join(out, "work"))
+        jq.save(os.path.join(out, "final"), res.state, overwrite=True)
+        write_json(os.path.join(out, "logs.json"), {"losses": res.losses})
+        Path(out, "DONE").touch()
+        return 0
     spec = jq.QuantSpec(bits=3, group_size=32, symmetric=False, method="gptq", options={"act_order": True})
     Path(out, "started").touch()
     # checkpoint_every=0: a resume point after every block, so kills land between many of them
@@ -95,7 +107,7 @@ def _launch(out: str, args) -> subprocess.Popen:
     for marker in ("started", "DONE"):
         Path(out, marker).unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", out, "--dtype", args.dtype,
-           "--layers", str(args.layers), "--delay", str(args.delay), "--cache", args.cache]
+           "--layers", str(args.layers), "--delay", str(args.delay), "--cache", args.cache, "--job", args.job]
     log = open(os.path.join(out, "child.log"), "a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
 
@@ -113,11 +125,12 @@ def _work_state(out: str) -> str:
     """What the job left behind: blocks finished per progress.json, and temporary files."""
     work = os.path.join(out, "work")
     done = "-"
-    try:
-        with open(os.path.join(work, "progress.json")) as fh:
-            done = str(json.load(fh)["done"])
-    except (OSError, ValueError, KeyError):
-        pass
+    for name, key in (("progress.json", "done"), ("qat_progress.json", "step")):
+        try:
+            with open(os.path.join(work, name)) as fh:
+                done = str(json.load(fh)[key])
+        except (OSError, ValueError, KeyError):
+            pass
     tmp = sorted(os.path.relpath(os.path.join(r, f), out) for r, ds, fs in os.walk(out) for f in ds + fs
                  if f.endswith((".tmp", ".tmp.npy", ".saving", ".replaced")) or ".orbax-checkpoint-tmp" in f)
     return f"done={done}" + (f" tmp={','.join(tmp)}" if tmp else "")
@@ -224,7 +237,8 @@ def harness(args) -> dict:
     if not args.keep and n_ok == len(trials) and not args.dir:
         shutil.rmtree(base)
     return {"identical": n_ok, "trials": len(trials), "kills_mid_job": n_kills, "reference_seconds": t_ref,
-            "dtype": args.dtype, "layers": args.layers, "delay": args.delay, "seed": args.seed, "details": trials}
+            "job": args.job, "dtype": args.dtype, "layers": args.layers, "delay": args.delay, "seed": args.seed,
+            "details": trials}
 
 
 def _last_error(out: str) -> str:
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--job", default="gptq", choices=["gptq", "qat"],
+                    help="gptq: a GPTQ calibration job; qat: 12 steps of W2 g32 QAT with a checkpoint every step")
     ap.add_argument("--dir", default=None, help="where trials run (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the directories of identical trials")
     ap.add_argument("--json", default=None)
@@ -251,7 +267,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child(args.child, args.dtype, args.layers, args.delay, args.cache)
+        return child(args.child, args.dtype, args.layers, args.delay, args.cache, args.job)
     result = harness(args)
     if args.json:
         with open(args.json, "w") as fh:

@@ -76,15 +76,17 @@ def test_resume_bfloat16_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_harness_slice(tmp_path):
+@pytest.mark.parametrize("job", ["gptq", "qat"])
+def test_sigkill_harness_slice(tmp_path, job):
     """Two trials of up to two SIGKILLs each at random moments (os.replace slowed down so some
-    land inside atomic writes); every trial ends bit-identical to an uninterrupted run."""
+    land inside atomic writes); every trial ends bit-identical to an uninterrupted run (a
+    GPTQ calibration job, and a QAT run with its loss curve)."""
     spec = importlib.util.spec_from_file_location("kill_resume", os.path.join(ROOT, "scripts", "kill_resume.py"))
     kr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kr)
     out = tmp_path / "result.json"
     rc = kr.main(["--trials", "2", "--max-kills", "2", "--layers", "2", "--seed", "1", "--dir", str(tmp_path / "runs"),
-                  "--json", str(out)])
+                  "--json", str(out), "--job", job])
     import json
 
     result = json.loads(out.read_text())

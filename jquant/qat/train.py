@@ -33,13 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant._atomic import write_json, write_npz
+from jquant import _train_checkpoint as train_checkpoint
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError
 from jquant.qat.fake_quant import _check_lsq, init_params, lsq_fake_quant, ste_fake_quant, to_qtensor
 from jquant.spec import QuantSpec, compile_rules, match, path_str
 
-STATE_FILE = "qat_state.npz"
-PROGRESS_FILE = "qat_progress.json"  # written last: a checkpoint exists only once it does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +282,7 @@ def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, wo
     run_key = _run_key(config, paths, params, lsq, ste, tokens)
     start, losses, evals = 0, [], []
     if work_dir is not None:
-        restored = _restore(work_dir, run_key, (trainable, opt_state))
+        restored = train_checkpoint.restore(work_dir, "qat", run_key, (trainable, opt_state), "QAT")
         if restored is not None:
             (trainable, opt_state), start, losses, evals = restored
             if mesh is not None:
@@ -296,7 +294,7 @@ def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, wo
 
         bar = tqdm(total=config.steps, initial=start, desc="QAT", unit="step", disable=None)
     t_steps, n_tokens = time.perf_counter(), 0
-    last_good = start if work_dir is not None and os.path.exists(os.path.join(work_dir, PROGRESS_FILE)) else None
+    last_good = start if train_checkpoint.exists(work_dir, "qat") else None
     for i in range(start, config.steps):
         batch = jnp.asarray(tokens[batch_indices(len(tokens), config.batch_size, i, config.seed)], jnp.int32)
         if mesh is not None:
@@ -327,7 +325,7 @@ def train(model, tokens, rules: Sequence, config: QATConfig = QATConfig(), *, wo
             bar.update(1)
         done = i + 1 == config.steps
         if work_dir is not None and (done or (config.checkpoint_every and (i + 1) % config.checkpoint_every == 0)):
-            _save(work_dir, run_key, (trainable, opt_state), i + 1, losses, evals)
+            train_checkpoint.save(work_dir, "qat", run_key, (trainable, opt_state), i + 1, losses, evals)
             last_good = i + 1
     if bar is not None:
         bar.close()
@@ -368,39 +366,3 @@ def _run_key(config, paths, params, lsq, ste, tokens) -> str:
         h.update(f"{k}{tuple(params[k].shape)}{lsq.get(k) or ste.get(k)}".encode())
     h.update(np.ascontiguousarray(tokens).tobytes())
     return h.hexdigest()
-
-
-def _save(work_dir, run_key, tree, step, losses, evals) -> None:
-    os.makedirs(work_dir, exist_ok=True)
-    leaves = [np.asarray(jax.device_get(x)) for x in jax.tree_util.tree_leaves(tree)]
-    write_npz(os.path.join(work_dir, STATE_FILE), **{f"a{i}": a for i, a in enumerate(leaves)})
-    write_json(os.path.join(work_dir, PROGRESS_FILE),
-               {"run": run_key, "step": step, "losses": losses, "evals": evals, "leaves": len(leaves)})
-
-
-def _restore(work_dir, run_key, like):
-    prog = os.path.join(work_dir, PROGRESS_FILE)
-    if not os.path.exists(prog):
-        return None
-    try:
-        with open(prog) as fh:
-            meta = json.load(fh)
-        arrays = np.load(os.path.join(work_dir, STATE_FILE))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{work_dir}: unreadable QAT checkpoint ({type(e).__name__}: {e})") from e
-    if meta.get("run") != run_key:
-        raise CheckpointError(f"{work_dir}: holds a QAT checkpoint of another run (model, rules, settings or "
-                              "training windows differ); use another work_dir or delete it to start over")
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    if meta.get("leaves") != len(leaves) or len(arrays.files) != len(leaves):
-        raise CheckpointError(f"{work_dir}: the QAT checkpoint holds {len(arrays.files)} arrays, this run "
-                              f"{len(leaves)}: incompatible")
-    out = []
-    for i, ref in enumerate(leaves):
-        a = arrays[f"a{i}"]
-        if a.shape != tuple(np.shape(ref)):
-            raise CheckpointError(f"{work_dir}: array {i} of the QAT checkpoint has shape {a.shape}, this run "
-                                  f"{tuple(np.shape(ref))}: incompatible")
-        out.append(jnp.asarray(a, dtype=jnp.asarray(ref).dtype))
-    return (jax.tree_util.tree_unflatten(treedef, out), meta["step"], list(meta["losses"]),
-            [tuple(e) for e in meta["evals"]])

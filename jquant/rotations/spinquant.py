@@ -61,7 +61,8 @@ def _weight_fake_quant(p: dict, compiled) -> dict:
 def learn_rotations(model, tokens, *, weight_rules: Sequence = (), steps: int = 100, learning_rate: float = 1.5,
                     batch_size: int = 4, kind: str = "hadamard", seed: int = 0,
                     online: Sequence[str] = ("mlp/down_proj",), objective: str = "ce", progress: bool = False,
-                    on_step: Callable[[int, float], None] | None = None) -> LearnedRotations:
+                    on_step: Callable[[int, float], None] | None = None, work_dir: str | None = None,
+                    checkpoint_every: int = 10) -> LearnedRotations:
     """Learn R1 and R2 for ``model`` (see the module doc).
 
     Args:
@@ -79,11 +80,16 @@ def learn_rotations(model, tokens, *, weight_rules: Sequence = (), steps: int = 
         ``"kl"``, ``KL(p_float ‖ p_quant)`` per token against the float model on the same
         windows (distillation: a direct signal where the text's own entropy dominates the
         cross-entropy, e.g. text the model wrote itself).
+      work_dir: checkpoints of the learning (the rotations and the optimiser state every
+        ``checkpoint_every`` steps and at the end); a run started again with the same
+        arguments resumes from the last one and gives the uninterrupted run's rotations bit
+        for bit.
     Returns:
       :class:`LearnedRotations` (float64 matrices, re-orthogonalised).
     Raises:
       SpecError: steps < 1, a learning rate <= 0, a batch size < 1, another objective.
       DataError: fewer calibration windows than one batch.
+      CheckpointError: ``work_dir`` holds a checkpoint of another run, or an unreadable one.
     """
     import optax
 
@@ -97,6 +103,8 @@ def learn_rotations(model, tokens, *, weight_rules: Sequence = (), steps: int = 
         raise SpecError(f"learn_rotations: objective={objective!r}; valid: ce, kl")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"learn_rotations: batch_size={batch_size!r} must be an integer >= 1")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise SpecError(f"learn_rotations: checkpoint_every={checkpoint_every!r} must be an integer >= 0")
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or len(tokens) < batch_size:
         raise DataError(f"learn_rotations: {len(tokens) if tokens.ndim == 2 else 0} calibration windows, at least "
@@ -143,9 +151,26 @@ def learn_rotations(model, tokens, *, weight_rules: Sequence = (), steps: int = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="learn rotations", unit="step", disable=None)
-    losses = []
+    losses, start = [], 0
+    run_key = None
+    if work_dir is not None:
+        import hashlib
+
+        from jquant import _train_checkpoint as train_checkpoint
+
+        h = hashlib.sha256(repr((steps, float(learning_rate), batch_size, kind, seed, tuple(online), objective,
+                                 [(p, None if s is None else s.to_dict()) for p, s in weight_rules],
+                                 [(k, tuple(np.shape(v)), str(v.dtype)) for k, v in sorted(p0.items())])).encode())
+        h.update(tokens.tobytes())
+        h.update(np.asarray(r1, np.float64).tobytes())
+        run_key = h.hexdigest()
+        restored = train_checkpoint.restore(work_dir, "rotations", run_key, (rs, opt_state), "rotation learning")
+        if restored is not None:
+            (rs, opt_state), start, losses, _ = restored
+            if bar is not None:
+                bar.update(start)
     n_batches = len(tokens) // batch_size
-    for i in range(steps):
+    for i in range(start, steps):
         j = i % n_batches
         rs, opt_state, loss = step(rs, opt_state, jnp.asarray(tokens[j * batch_size:(j + 1) * batch_size]))
         losses.append(float(loss))
@@ -154,6 +179,8 @@ def learn_rotations(model, tokens, *, weight_rules: Sequence = (), steps: int = 
         if bar is not None:
             bar.set_postfix_str(f"loss {losses[-1]:.4f}")
             bar.update(1)
+        if run_key is not None and (i + 1 == steps or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
+            train_checkpoint.save(work_dir, "rotations", run_key, (rs, opt_state), i + 1, losses)
     if bar is not None:
         bar.close()
 

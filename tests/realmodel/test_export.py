@@ -33,6 +33,7 @@ def _ppl(model, tokens, bos):
                                batch_size=2, max_windows=4, bos=bos).ppl
 
 
+@pytest.mark.slow  # kept out of the default run for time; run with -m slow
 def test_gguf_q4_k_export_has_jquants_perplexity(tmp_path, capsys):
     out, gg = str(tmp_path / "q4k"), str(tmp_path / "smol_q4k.gguf")
     assert cli.main(["quantize", "--recipe", "q4_k", "--out", out, "--quiet"]) == 0
@@ -116,6 +117,7 @@ def test_llama_cpp_runs_the_exported_gguf(tmp_path, model, recipe):
     assert agree > 0.9 and drift < max(2 * control, 0.005), (agree, nll(theirs), nll(ours), control)
 
 
+@pytest.mark.slow  # kept out of the default run for time; run with -m slow
 def test_import_of_an_exported_checkpoint_evaluates_like_the_original(tmp_path, capsys):
     """quantize → export (AWQ) → import against the float model → eval: the same numbers as
     evaluating the original directory (the same weights went through another tool's format)."""

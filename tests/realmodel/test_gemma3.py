@@ -20,6 +20,7 @@ def gemma_path():
     return gemma3_270m_path()
 
 
+@pytest.mark.slow  # kept out of the default run for time; run with -m slow
 def test_real_gemma3_logits_match_transformers(gemma_path):
     import jax.numpy as jnp
     import transformers

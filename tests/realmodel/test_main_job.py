@@ -122,6 +122,7 @@ def test_report_and_compare_of_real_jobs(rtn_job, hqq_job, tmp_path, browser, ca
     assert [r[0] for r in page.tables["compare"][1:]] == ["hqq_w3_g64", "rtn_w4_g64"]
 
 
+@pytest.mark.slow  # kept out of the default run for time; run with -m slow
 def test_cli_rotation_and_w4a4kv4_recipe(tmp_path):
     """A recipe with a rotation and activation/KV quantizers through quantize and eval: the
     rotated checkpoint (its untied lm_head included) restores, the quantizers are applied at

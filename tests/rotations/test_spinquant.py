@@ -131,3 +131,36 @@ def test_cli_prepare_learns_once_and_eval_reuses(setup, tmp_path):
     assert (tmp_path / "rotations.npz").stat().st_mtime_ns != mtime
     with pytest.raises(CheckpointError, match="learned rotations of this job are missing"):
         cli._prepare(model, recipe, rotations=str(tmp_path / "none.npz"))
+
+
+def test_interrupted_learning_resumes_bit_identically(setup, tmp_path):
+    """Checkpoints every 2 steps: a run stopped after step 3 (its last checkpoint: step 2)
+    resumes there and ends with the uninterrupted run's rotations and losses, bit for bit;
+    another run's checkpoint is refused."""
+    from jquant.errors import CheckpointError
+
+    model, train, _ = setup
+    qmodel, _ = set_quantizers(model, A4, KV4)
+    kw = dict(weight_rules=[(LIN, W4)], steps=5, learning_rate=0.05, batch_size=4, objective="kl")
+    full = learn_rotations(qmodel, train, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(i, loss):
+        if i == 2:
+            raise Killed
+
+    work = str(tmp_path / "rot")
+    with pytest.raises(Killed):
+        learn_rotations(qmodel, train, work_dir=work, checkpoint_every=2, on_step=kill_after_3, **kw)
+    seen = []
+    res = learn_rotations(qmodel, train, work_dir=work, checkpoint_every=2, on_step=lambda i, _: seen.append(i), **kw)
+    assert seen == [2, 3, 4]  # resumed after step 2
+    assert res.losses == full.losses
+    np.testing.assert_array_equal(res.r1, full.r1)
+    np.testing.assert_array_equal(res.r2, full.r2)
+    with pytest.raises(CheckpointError, match="rotation learning checkpoint of another run"):
+        learn_rotations(qmodel, train, work_dir=work, **{**kw, "learning_rate": 0.1})
+    with pytest.raises(SpecError, match="checkpoint_every=-1"):
+        learn_rotations(qmodel, train, work_dir=work, checkpoint_every=-1, **kw)
