@@ -109,3 +109,26 @@ def test_atomic_writes_reach_the_disk(tmp_path, monkeypatch):
                       str(tmp_path / "c.npz.tmp.npz"), str(tmp_path)]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.npy", "c.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "c.npz")["y"], np.arange(2))
+
+
+def test_training_checkpoint_killed_between_state_and_progress(tmp_path, monkeypatch):
+    """Found by ``kill_resume.py --job qat``: the state file was written over before the
+    progress file, so a kill between the two resumed step 7's progress with step 8's state
+    (every leaf then differed). The state file is now named by its step."""
+    from jquant import _atomic, _train_checkpoint as tc
+
+    work = str(tmp_path)
+    tc.save(work, "qat", "key", {"w": np.full(3, 7.0)}, 7, [1.0] * 7)
+
+    def killed(path, obj):
+        raise KeyboardInterrupt  # the process dies before the progress file is replaced
+
+    monkeypatch.setattr(tc, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tc.save(work, "qat", "key", {"w": np.full(3, 8.0)}, 8, [1.0] * 8)
+    tree, step, losses, _ = tc.restore(work, "qat", "key", {"w": np.zeros(3)}, "QAT")
+    assert step == 7 and len(losses) == 7
+    np.testing.assert_array_equal(np.asarray(tree["w"]), np.full(3, 7.0))
+    monkeypatch.undo()
+    tc.save(work, "qat", "key", {"w": np.full(3, 8.0)}, 8, [1.0] * 8)
+    assert sorted(f for f in os.listdir(work) if f.endswith(".npz")) == ["qat_state_000008.npz"]
