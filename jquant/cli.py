@@ -553,7 +553,7 @@ def cmd_report(args) -> int:
         return 2
     t0 = time.perf_counter()
     path = report.write_report(args.dir, args.out, model=not args.no_model, windows=args.windows,
-                               seq_len=args.seq_len, progress=not args.quiet)
+                               seq_len=args.seq_len)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
     return 0
 

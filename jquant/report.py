@@ -130,8 +130,7 @@ def _parts_bytes(q) -> dict[str, int]:
             "indices": nb(q.g_idx) + nb(q.perm), "outliers": nb(q.outlier_idx) + nb(q.outlier_w)}
 
 
-def analyse(out: str, manifest: dict, *, windows: int = 4, seq_len: int = 256, top: int = _TOP,
-            progress: bool = False) -> dict:
+def analyse(out: str, manifest: dict, *, windows: int = 4, seq_len: int = 256) -> dict:
     """Load the float model and the quantized checkpoint of ``out`` and measure what the
     report plots: every quantized linear's weight error, the input magnitudes per channel of
     every linear over ``windows`` windows of ``seq_len`` calibration tokens (the job's own
@@ -224,17 +223,15 @@ def _attach_logs(linears: list[LinearStats], layers: dict | None) -> None:
 
 
 def _worst(linears: list[LinearStats], analysis: dict, top: int) -> list[LinearStats]:
-    import jax.numpy as jnp
-
-    worst = sorted(linears, key=lambda s: -s.badness)[:top]
-    qleaves = {}
     import jax
+    import jax.numpy as jnp
 
     from jquant.qtensor import is_qtensor
     from jquant.spec import path_str
 
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(analysis["qstate"], is_leaf=is_qtensor)[0]:
-        qleaves[path_str(kp)] = leaf
+    worst = sorted(linears, key=lambda s: -s.badness)[:top]
+    qleaves = {path_str(kp): leaf for kp, leaf in
+               jax.tree_util.tree_flatten_with_path(analysis["qstate"], is_leaf=is_qtensor)[0]}
     for ls in worst:
         w = np.asarray(analysis["floats"][ls.path], np.float32)
         ls.weights, ls.error = w, w - np.asarray(qleaves[ls.path].dequantize(jnp.float32), np.float32)
@@ -262,8 +259,7 @@ def _png(fig) -> bytes:
 
 def _fig_layers(linears: list[LinearStats], logged: bool, method: str) -> bytes:
     plt = _plt()
-    names = sorted({s.name for s in linears}, key=lambda n: min(s.block * 100 for s in linears if s.name == n) or 0)
-    names = sorted(names)
+    names = sorted({s.name for s in linears})
     if logged:
         fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
         for n in names:
@@ -477,7 +473,7 @@ QUALITY_HEADER = ["model", "text", "windows", "perplexity", "ppl / float", "KL",
 
 
 def write_report(out: str, dest: str | None = None, *, model: bool = True, windows: int = 4, seq_len: int = 256,
-                 overwrite: bool = True, progress: bool = False) -> str:
+                 overwrite: bool = True) -> str:
     """Write the report of the ``jquant quantize`` directory ``out`` to ``dest`` (default
     ``out/report``): ``index.html`` with every figure inlined, and the figures as PNGs.
 
@@ -502,7 +498,7 @@ def write_report(out: str, dest: str | None = None, *, model: bool = True, windo
     linears: list[LinearStats] = []
     analysis = None
     if model:
-        analysis = analyse(res["dir"], m, windows=windows, seq_len=seq_len, progress=progress)
+        analysis = analyse(res["dir"], m, windows=windows, seq_len=seq_len)
         linears = analysis["linears"]
         _attach_logs(linears, res["layers"])
     elif logged:
