@@ -3,7 +3,11 @@
 The public API. Implementation lives in modules named after each concept.
 """
 
-from jquant import errors
+from jquant import _xla_cpu
+
+_xla_cpu.guard()  # before JAX creates its CPU client: see jquant/_xla_cpu.py
+
+from jquant import errors  # noqa: E402
 from jquant.checkpoint import restore, save
 from jquant.formats import Grid
 from jquant.packing import pack, unpack

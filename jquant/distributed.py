@@ -17,6 +17,11 @@ Everything here is a thin layer over ``jax.sharding`` / ``jax.shard_map`` /
 - :func:`shard_qtensor` places a QTensor on a mesh the same way (for ``jit``).
 - :func:`initialize` starts ``jax.distributed`` for multi-process runs (CPU collectives over
   gloo), :func:`is_writer` says whether this process writes shared files.
+
+Fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``): ``import jquant``
+sizes XLA:CPU's thread pool for them (``NPROC``, see ``jquant/_xla_cpu.py``), since with a
+pool of one thread per core a collective over more devices than cores can hang; import
+jquant before any JAX call, or :func:`make_mesh` warns.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -105,7 +111,22 @@ def make_mesh(axes: str | Mapping[str, int] | None = None, devices: Sequence[Any
         fits = [f"data={d},model={n // d}" for d in range(1, n + 1) if n % d == 0]
         raise SpecError(f"mesh {_show(sizes)} needs {math.prod(shape)} devices, but there are {n}; "
                         f"valid meshes: {'; '.join(fits)}")
+    _warn_cpu_pool(devices)
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+
+
+def _warn_cpu_pool(devices) -> None:
+    """Warn when XLA:CPU's thread pool may be too small for a collective over ``devices``.
+
+    See ``jquant/_xla_cpu.py``: with more local CPU devices than cores and ``NPROC`` unset
+    (JAX started before ``import jquant``), a ``psum`` can hang.
+    """
+    local = sum(1 for d in devices if d.platform == "cpu" and d.process_index == jax.process_index())
+    cores = os.cpu_count() or 1
+    if local > cores and not os.environ.get("NPROC"):
+        warnings.warn(f"{local} CPU devices on {cores} cores: XLA:CPU's collectives can deadlock when its thread "
+                      f"pool ({cores} threads) is smaller than the device count; set NPROC={local + cores} "
+                      "before JAX starts (importing jquant before any JAX call does it)", RuntimeWarning, stacklevel=3)
 
 
 def _show(sizes: Mapping[str, int]) -> str:

@@ -62,7 +62,8 @@ from jquant import calibrate, distributed as dist
 from jquant.errors import ShapeError, SpecError
 from jquant.quantizers import gptq, stats
 assert jax.device_count() == 8
-out, report = {}, {}
+import os
+out, report = {}, {"nproc": os.environ.get("NPROC")}
 
 # QTensors across the shard_map boundary, both ways, on a 2x4 mesh.
 mesh = dist.make_mesh("data=2,model=4")
@@ -158,6 +159,38 @@ def test_qtensor_keeps_its_metadata_across_shard_map(eight):
     assert rep["local_shape"] == [256, 12] and rep["global_shape"] == [256, 96]  # 96 columns over 8 devices
     # codes (256·4/32 = 32 words) and scales (4 groups) split by output column like the kernel
     assert rep["codes_shards"] == [[32, 24]] and rep["scale_shards"] == [[4, 24]]
+
+
+def test_import_sizes_the_cpu_thread_pool_for_fake_devices(eight):
+    """``import jquant`` set ``NPROC`` = 8 devices + cores in the 8-device subprocess (without it
+    XLA:CPU's collectives deadlocked there: 2 of 4 runs under load); it never overrides a user's value."""
+    _, rep = eight
+    assert rep["nproc"] == str(8 + (os.cpu_count() or 1))
+    from jquant import _xla_cpu
+
+    flags = "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=16"
+    env = {"XLA_FLAGS": flags}
+    assert _xla_cpu.guard(env) == 16 + (os.cpu_count() or 1) and env["NPROC"] == str(16 + (os.cpu_count() or 1))
+    for env in ({"XLA_FLAGS": flags, "NPROC": "3"}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, {}):
+        before = dict(env)
+        assert _xla_cpu.guard(env) is None and env == before
+
+
+def test_make_mesh_warns_when_the_cpu_pool_is_too_small(monkeypatch):
+    from types import SimpleNamespace
+
+    cores = os.cpu_count() or 1
+    devs = [SimpleNamespace(platform="cpu", process_index=0) for _ in range(cores + 1)]
+    monkeypatch.delenv("NPROC", raising=False)
+    with pytest.warns(RuntimeWarning, match=f"set NPROC={2 * cores + 1}"):
+        dist._warn_cpu_pool(devs)
+    monkeypatch.setenv("NPROC", "64")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist._warn_cpu_pool(devs)
+        dist._warn_cpu_pool(devs[:cores])
 
 
 def test_qtensor_sharding_errors_name_the_problem(eight):

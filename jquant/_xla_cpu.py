@@ -1,0 +1,30 @@
+"""A guard against XLA:CPU's collective deadlock with more fake devices than cores.
+
+With ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` every one of the N CPU "devices"
+runs its part of a ``shard_map``/``psum`` program, and a collective (all-reduce, all-gather)
+blocks the thread that reaches it until all N participants arrive. XLA:CPU may run that
+collective on a worker of its shared intra-op thread pool, whose size defaults to the number
+of cores. On a 2-core machine two participants waiting in an all-reduce take both workers,
+and the six others, queued on the same pool, never run: the process hangs, or after 40 s
+aborts with "Termination timeout for `all reduce RendezvousKey...`" (seen in CI, and
+reproduced here in 2 of 4 runs of the 8-device test under load, 0 of 9 with the guard).
+
+XLA sizes that pool from the ``NPROC`` environment variable when it is set (read once, when
+the CPU client is created). :func:`guard` sets ``NPROC`` to N + the number of cores, so that
+with N - 1 participants waiting there are still as many workers as cores. It changes
+nothing when ``NPROC`` is already set or no fake device count is asked for, and it must run
+before JAX creates its CPU client: ``import jquant`` calls it first thing.
+"""
+
+import os
+import re
+
+
+def guard(environ=os.environ) -> int | None:
+    """Set ``NPROC`` for ``--xla_force_host_platform_device_count=N`` (N > 1); returns what it set."""
+    m = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+    if not m or int(m.group(1)) < 2 or environ.get("NPROC"):
+        return None
+    n = int(m.group(1)) + (os.cpu_count() or 1)
+    environ["NPROC"] = str(n)
+    return n
