@@ -106,17 +106,24 @@ def format_max(fmt: str) -> float:
     return float(np.max(np.abs(cb[np.isfinite(cb)])))  # e5m2 has ±Inf codes
 
 
-def _nanmax(x):
-    return jnp.max(jnp.where(jnp.isnan(x), -jnp.inf, x), axis=1, keepdims=True)
-
-
-def _nanmin(x):
-    return jnp.min(jnp.where(jnp.isnan(x), jnp.inf, x), axis=1, keepdims=True)
-
-
 def group_min_max(x):
-    """Per-group min and max of a grouped view, ignoring NaN padding. Shapes ``(G,1,R)``."""
-    return _nanmin(x), _nanmax(x)
+    """Per-group min and max of a grouped view ``(G, S, R)``, ignoring NaN padding; ``(G,1,R)``.
+
+    Reduced by halving: the elementwise min (max) of the two halves of axis 1, ``log2(S)``
+    times, both in step. Exact (min and max do not depend on the order), and XLA fuses the
+    levels into loops over ``R`` that read ``x`` about once; its own reduce over a middle
+    axis, behind the NaN mask, ran 7× slower (a 940 MB weight: 0.91 s against 0.13 s).
+    """
+    nan = jnp.isnan(x)
+    lo, hi = jnp.where(nan, jnp.inf, x), jnp.where(nan, -jnp.inf, x)
+    while lo.shape[1] > 1:
+        h, odd = lo.shape[1] // 2, lo.shape[1] % 2
+        lo2, hi2 = jnp.minimum(lo[:, :h], lo[:, h:2 * h]), jnp.maximum(hi[:, :h], hi[:, h:2 * h])
+        if odd:  # the odd one out joins the first
+            lo2 = jnp.concatenate([jnp.minimum(lo2[:, :1], lo[:, 2 * h:]), lo2[:, 1:]], axis=1)
+            hi2 = jnp.concatenate([jnp.maximum(hi2[:, :1], hi[:, 2 * h:]), hi2[:, 1:]], axis=1)
+        lo, hi = lo2, hi2
+    return lo, hi
 
 
 def _nanmean(x):
@@ -136,13 +143,18 @@ def _safe(s):
 
 
 def div(a, b):
-    """IEEE ``a / b`` with broadcasting. XLA's simplifier turns a division by a broadcast
-    (a scalar or a per-group scale) into a multiplication by the reciprocal, which is off
-    by an ulp often enough to flip roundings; the barrier keeps the true division, so
-    codes and scales match references (and GGUF's C code) exactly."""
-    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
-    b = lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), shape))
-    return a / b
+    """IEEE ``a / b`` with broadcasting, never ``a * (1/b)``.
+
+    XLA's simplifier turns a division by a broadcast (a scalar or a per-group scale) into a
+    multiplication by the reciprocal, which is off by an ulp often enough to flip roundings.
+    Here the divisor is ``where(isnan(a), 1, b)``: a select, not a broadcast, so the rewrite
+    does not apply, and equal to ``b`` wherever it matters (a NaN ``a`` gives NaN either way).
+    It fuses into the division's loop: no full-size temporary (an ``optimization_barrier`` on
+    the broadcast divisor, the earlier way, wrote and read one: 8 bytes a value more).
+    Codes and scales so match references (and GGUF's C code) exactly.
+    """
+    a = jnp.asarray(a, jnp.result_type(a, jnp.float32))
+    return a / jnp.where(jnp.isnan(a), jnp.asarray(1.0, a.dtype), jnp.asarray(b, a.dtype))
 
 
 def params_from_range(lo, hi, grid: Grid):

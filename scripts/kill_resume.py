@@ -1,4 +1,5 @@
-"""Kill a GPTQ calibration job (or, ``--job qat``, a QAT run) with SIGKILL at random moments,
+"""Kill a GPTQ calibration job (or, ``--job qat``, a QAT run; ``--job rotations``, SpinQuant
+rotation learning) with SIGKILL at random moments,
 resume it, and compare the result bit for bit with an uninterrupted run.
 
 The job (``--child``, one process) builds a tiny random Llama (``jquant.models.init_model``),
@@ -19,7 +20,7 @@ microseconds).
 
 Usage:
   python scripts/kill_resume.py [--trials 20] [--max-kills 3] [--delay 0.05] [--seed 0]
-                                [--dtype float32|bfloat16] [--layers 3] [--job gptq|qat] [--json out.json]
+                                [--dtype float32|bfloat16] [--layers 3] [--job gptq|qat|rotations] [--json out.json]
 Exit status 0 when every trial is identical.
 """
 
@@ -87,6 +88,20 @@ def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = N
         write_json(os.path.join(out, "logs.json"), {"losses": res.losses})
         Path(out, "DONE").touch()
         return 0
+    if job == "rotations":  # SpinQuant R1/R2 for W4 A4 KV4 (KL objective), a checkpoint after every step
+        from jquant.activations import ActQuantSpec, set_quantizers
+        from jquant.rotations.spinquant import learn_rotations
+
+        qmodel, _ = set_quantizers(model, [(LIN, ActQuantSpec(bits=4, clip_ratio=0.9))],
+                                   ActQuantSpec(bits=4, symmetric=False))
+        Path(out, "started").touch()
+        res = learn_rotations(qmodel, toks, weight_rules=[(LIN, jq.QuantSpec(bits=4, granularity="channel"))],
+                              steps=12, learning_rate=0.05, batch_size=4, objective="kl",
+                              work_dir=os.path.join(out, "work"), checkpoint_every=1)
+        np.savez(os.path.join(out, "final.npz"), r1=res.r1, r2=res.r2)
+        write_json(os.path.join(out, "logs.json"), {"losses": res.losses})
+        Path(out, "DONE").touch()
+        return 0
     spec = jq.QuantSpec(bits=3, group_size=32, symmetric=False, method="gptq", options={"act_order": True})
     Path(out, "started").touch()
     # checkpoint_every=0: a resume point after every block, so kills land between many of them
@@ -125,7 +140,7 @@ def _work_state(out: str) -> str:
     """What the job left behind: blocks finished per progress.json, and temporary files."""
     work = os.path.join(out, "work")
     done = "-"
-    for name, key in (("progress.json", "done"), ("qat_progress.json", "step")):
+    for name, key in (("progress.json", "done"), ("qat_progress.json", "step"), ("rotations_progress.json", "step")):
         try:
             with open(os.path.join(work, name)) as fh:
                 done = str(json.load(fh)[key])
@@ -144,14 +159,35 @@ def run_to_end(out: str, args) -> tuple[int, float]:
 
 
 def compare(ref: str, out: str) -> str | None:
-    """None when ``out`` holds the same final tree and logs as ``ref``; else what differs."""
+    """None when ``out`` holds the same final result and logs as ``ref``; else what differs."""
+    if not os.path.exists(os.path.join(out, "DONE")):
+        return "the job did not finish"
+    diff = (_rotations_diff if os.path.exists(os.path.join(ref, "final.npz")) else _tree_diff)(ref, out)
+    if diff is not None:
+        return diff
+    with open(os.path.join(ref, "logs.json")) as a, open(os.path.join(out, "logs.json")) as b:
+        if json.load(a) != json.load(b):
+            return "the results agree but the logs differ"
+    return None
+
+
+def _rotations_diff(ref: str, out: str) -> str | None:
+    """Learned rotations (float64 R1, R2), byte for byte."""
+    import numpy as np
+
+    with np.load(os.path.join(ref, "final.npz")) as a, np.load(os.path.join(out, "final.npz")) as b:
+        differ = [k for k in a.files if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+                  or not np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8))]
+    return f"learned rotations differ: {', '.join(differ)}" if differ else None
+
+
+def _tree_diff(ref: str, out: str) -> str | None:
+    """The quantized trees: every array's bytes, every QTensor's metadata."""
     import jax
     import numpy as np
 
     import jquant as jq
 
-    if not os.path.exists(os.path.join(out, "DONE")):
-        return "the job did not finish"
     ta, tb = jq.restore(os.path.join(ref, "final")), jq.restore(os.path.join(out, "final"))
     la = jax.tree_util.tree_flatten_with_path(ta, is_leaf=jq.is_qtensor)[0]
     lb = jax.tree_util.tree_flatten_with_path(tb, is_leaf=jq.is_qtensor)[0]
@@ -168,12 +204,7 @@ def compare(ref: str, out: str) -> str | None:
             if u.dtype != v.dtype or u.shape != v.shape or not np.array_equal(u.view(np.uint8), v.view(np.uint8)):
                 differ.append(jq.path_str(k))
                 break
-    if differ:
-        return f"{len(differ)} of {len(la)} leaves differ, first {differ[0]}"
-    with open(os.path.join(ref, "logs.json")) as a, open(os.path.join(out, "logs.json")) as b:
-        if json.load(a) != json.load(b):
-            return "the trees agree but the layer logs differ"
-    return None
+    return f"{len(differ)} of {len(la)} leaves differ, first {differ[0]}" if differ else None
 
 
 def harness(args) -> dict:
@@ -258,8 +289,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--job", default="gptq", choices=["gptq", "qat"],
-                    help="gptq: a GPTQ calibration job; qat: 12 steps of W2 g32 QAT with a checkpoint every step")
+    ap.add_argument("--job", default="gptq", choices=["gptq", "qat", "rotations"],
+                    help="gptq: a GPTQ calibration job; qat: 12 steps of W2 g32 QAT; rotations: 12 steps of "
+                         "SpinQuant R1/R2 learning (W4 A4 KV4); the last two with a checkpoint every step")
     ap.add_argument("--dir", default=None, help="where trials run (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the directories of identical trials")
     ap.add_argument("--json", default=None)

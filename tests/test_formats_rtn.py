@@ -372,3 +372,27 @@ def test_fake_quant_and_bf16_codebook(ref):
     np.testing.assert_allclose(got, deq_ref, rtol=2**-8)
     # fake_quant works under jit with the same result.
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: jquant.fake_quant(x, spec))(w)), np.asarray(fq))
+
+
+def test_division_by_a_group_scale_is_the_ieee_division():
+    """``formats.div`` under jit gives IEEE ``x / s`` for a broadcast per-group scale, also
+    where ``x * (1/s)`` (XLA's rewrite of a division by a broadcast) rounds to another code."""
+    from jquant import formats
+
+    rng = np.random.default_rng(0)
+    s = (rng.random((64, 1)) + 0.5).astype(np.float32)
+    # values at or next to a rounding boundary k + 1/2, where one ulp flips the code
+    x = ((rng.integers(-8, 8, (64, 4096)) + 0.5).astype(np.float32) * s)
+    x = np.nextafter(x, np.where(rng.random(x.shape) < 0.5, -np.inf, np.inf).astype(np.float32))
+    exact = x / s
+    recip = x * (np.float32(1) / s)
+    differ = np.round(exact) != np.round(recip)
+    assert differ.sum() > 0 and (exact != recip).sum() > 1000  # the case exists in this sample
+    got = np.asarray(jax.jit(formats.div)(x, s))
+    np.testing.assert_array_equal(got, exact)
+    nan_x = x.copy()
+    nan_x[0, :3] = np.nan  # padding of a partial group
+    got = np.asarray(jax.jit(formats.div)(nan_x, s))
+    assert np.isnan(got[0, :3]).all()
+    np.testing.assert_array_equal(got[1:], exact[1:])
+    np.testing.assert_array_equal(np.asarray(jax.jit(formats.div)(x, np.float32(0.7))), x / np.float32(0.7))

@@ -76,11 +76,11 @@ def test_resume_bfloat16_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["gptq", "qat"])
+@pytest.mark.parametrize("job", ["gptq", "qat", "rotations"])
 def test_sigkill_harness_slice(tmp_path, job):
     """Two trials of up to two SIGKILLs each at random moments (os.replace slowed down so some
     land inside atomic writes); every trial ends bit-identical to an uninterrupted run (a
-    GPTQ calibration job, and a QAT run with its loss curve)."""
+    GPTQ calibration job, a QAT run with its loss curve, and SpinQuant rotation learning)."""
     spec = importlib.util.spec_from_file_location("kill_resume", os.path.join(ROOT, "scripts", "kill_resume.py"))
     kr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kr)

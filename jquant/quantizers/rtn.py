@@ -84,15 +84,22 @@ def _rtn(w, spec: QuantSpec, lay: GroupLayout) -> QTensor:
     return pack_qtensor(codes, scale, zero, lay, spec, w.dtype)
 
 
+@jax.jit
+def _all_finite(w):
+    """True when every value of ``w`` is finite: ``Σ w·0`` is 0 for finite values and NaN
+    once one is NaN or ±Inf. One read of ``w`` at the speed of a sum (a 940 MB weight:
+    0.04 s; an eager ``isfinite`` then ``all`` took 0.17 s, a jitted one as long)."""
+    return jnp.isfinite(jnp.sum(w * jnp.zeros((), w.dtype), dtype=jnp.float32))
+
+
 def check_weight(w, path: str | None = None):
     """Raise unless ``w`` is a floating array with finite values (checked when concrete)."""
     dt = getattr(w, "dtype", None)
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
         raise DTypeError(at(path, f"can only quantize floating arrays, got dtype {dt}"))
     if not isinstance(w, jax.core.Tracer):
-        finite = jnp.isfinite(w)
-        if not bool(jnp.all(finite)):
-            n_bad = int(jnp.size(finite) - jnp.sum(finite))
+        if not bool(_all_finite(w)):
+            n_bad = int(jnp.size(w) - jnp.sum(jnp.isfinite(w)))
             raise NonFiniteError(at(path, f"weight of shape {tuple(w.shape)} has {n_bad} NaN/Inf value(s)"))
 
 

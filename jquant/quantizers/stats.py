@@ -54,13 +54,21 @@ def gram(x) -> jax.Array:
     """``xᵀx`` for ``x`` ``(rows, k)``: the blocks on and above the diagonal, in column blocks
     of about ``_GRAM_BLOCK``, the ones below mirrored from them (``xᵀx`` is symmetric), so
     ``(b+1)/2b`` of the products of ``b`` blocks (0.75 at two). Each block is the product
-    of the same columns as in the full ``xᵀx``, summed over the same rows."""
+    of the same columns as in the full ``xᵀx``, summed over the same rows. A diagonal block
+    is averaged with its transpose: a tiled GEMM need not sum ``(i, j)`` and ``(j, i)`` in the
+    same order (seen on one CPU: 0.2% of the entries an ulp apart), and the result must be
+    exactly symmetric."""
     k = x.shape[-1]
     nb = max(1, round(k / _GRAM_BLOCK))
+
+    def prod(a, b, diagonal):
+        p = lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HP)
+        return (p + p.T) * 0.5 if diagonal else p
+
     if nb == 1:
-        return lax.dot_general(x, x, (((0,), (0,)), ((), ())), precision=_HP)
+        return prod(x, x, True)
     edges = [(k * i // nb, k * (i + 1) // nb) for i in range(nb)]
-    blk = {(i, j): lax.dot_general(x[:, a0:a1], x[:, b0:b1], (((0,), (0,)), ((), ())), precision=_HP)
+    blk = {(i, j): prod(x[:, a0:a1], x[:, b0:b1], i == j)
            for i, (a0, a1) in enumerate(edges) for j, (b0, b1) in enumerate(edges) if j >= i}
     return jnp.concatenate([jnp.concatenate([blk[i, j] if j >= i else blk[j, i].T for j in range(nb)], axis=1)
                             for i in range(nb)], axis=0)
