@@ -88,7 +88,7 @@ def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = N
         write_json(os.path.join(out, "logs.json"), {"losses": res.losses})
         Path(out, "DONE").touch()
         return 0
-    if job == "rotations":  # SpinQuant R1/R2 for W4 A4 KV4 (KL objective), a checkpoint after every step
+    if job == "rotations":  # SpinQuant R1/R2 for W4 A4 KV4 (KL objective), 30 steps, a checkpoint after every step
         from jquant.activations import ActQuantSpec, set_quantizers
         from jquant.rotations.spinquant import learn_rotations
 
@@ -96,7 +96,7 @@ def child(out: str, dtype: str, layers: int, delay: float, cache: str | None = N
                                    ActQuantSpec(bits=4, symmetric=False))
         Path(out, "started").touch()
         res = learn_rotations(qmodel, toks, weight_rules=[(LIN, jq.QuantSpec(bits=4, granularity="channel"))],
-                              steps=12, learning_rate=0.05, batch_size=4, objective="kl",
+                              steps=30, learning_rate=0.05, batch_size=4, objective="kl",
                               work_dir=os.path.join(out, "work"), checkpoint_every=1)
         np.savez(os.path.join(out, "final.npz"), r1=res.r1, r2=res.r2)
         write_json(os.path.join(out, "logs.json"), {"losses": res.losses})
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--job", default="gptq", choices=["gptq", "qat", "rotations"],
-                    help="gptq: a GPTQ calibration job; qat: 12 steps of W2 g32 QAT; rotations: 12 steps of "
+                    help="gptq: a GPTQ calibration job; qat: 12 steps of W2 g32 QAT; rotations: 30 steps of "
                          "SpinQuant R1/R2 learning (W4 A4 KV4); the last two with a checkpoint every step")
     ap.add_argument("--dir", default=None, help="where trials run (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the directories of identical trials")
