@@ -208,10 +208,14 @@ def _copy(src, dst):
     return dst
 
 
-def _edit_meta(ckpt, fn):
+def _edit_meta(ckpt, fn, digest=True):
+    """Edit a checkpoint's metadata; with ``digest``, as a consistent writer would (the digest
+    recomputed), to reach the checks behind it; without, as damage does."""
     p = ckpt / "meta" / "metadata"
     meta = json.loads(p.read_text())
     fn(meta)
+    if digest and "digest" in meta:
+        meta["digest"] = jquant.checkpoint._meta_digest(meta)
     p.write_text(json.dumps(meta))
 
 
@@ -233,7 +237,8 @@ def big(tmp_path_factory):
 def test_checksums_are_saved(big):
     tree, path = big
     meta = jquant.checkpoint.load_meta(path)
-    assert meta["format_version"] == jquant.checkpoint.FORMAT_VERSION == 2
+    assert meta["format_version"] == jquant.checkpoint.FORMAT_VERSION == 3
+    assert meta["digest"] == jquant.checkpoint._meta_digest(meta)
     by = {e["path"]: e for e in meta["leaves"]}
     assert set(by["w"]["sha256"]) == {"codes", "scale", "zero"} and set(by["emb"]["sha256"]) == {"array"}
     import hashlib
@@ -283,9 +288,9 @@ def test_target_of_other_shape_or_dtype(big):
 @pytest.mark.parametrize("damage, words", [
     (lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]), ["cannot read checkpoint metadata"]),
     (lambda p: p.write_text("not json {"), ["cannot read checkpoint metadata"]),
-    (lambda p: p.write_text("[1, 2]"), ["format_version None", "readable: 1, 2"]),
-    (lambda p: p.write_text(p.read_text().replace('"format_version": 2', '"format_version": 7')),
-     ["format_version 7", "readable: 1, 2"]),
+    (lambda p: p.write_text("[1, 2]"), ["format_version None", "readable: 1, 2, 3"]),
+    (lambda p: p.write_text(p.read_text().replace('"format_version": 3', '"format_version": 7')),
+     ["format_version 7", "readable: 1, 2, 3"]),
     (lambda p: p.write_text(p.read_text().replace('"keys"', '"kees"')), ["metadata entry of", "malformed"]),
     (lambda p: p.write_text(p.read_text().replace('"sha256"', '"sha"')), ["malformed", "SHA-256 (64 hex digits)"]),
     (lambda p: p.unlink(), ["cannot read checkpoint metadata"]),
@@ -379,6 +384,7 @@ def test_version_1_without_checksums_loads_with_a_warning(big, tmp_path):
 
     def downgrade(m):
         m["format_version"] = 1
+        m.pop("digest")
         for e in m["leaves"]:
             e.pop("sha256", None)
 
@@ -389,3 +395,38 @@ def test_version_1_without_checksums_loads_with_a_warning(big, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jquant.restore(path)  # a checksummed one restores without a warning
+
+
+def _qt_meta(m):
+    return next(e["qtensor"] for e in m["leaves"] if "qtensor" in e)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["leaves"][0]["keys"][0].__setitem__(1, "x"),  # a leaf renamed (found by fuzzing)
+    lambda m: _qt_meta(m)["grid"].__setitem__("bits", 7),
+    lambda m: _qt_meta(m)["grid"].__setitem__("scale_dtype", "bfloat16"),
+    lambda m: _qt_meta(m)["grid"].__setitem__("zero_type", "float"),
+    lambda m: m.__setitem__("digest", "0" * 64),
+    lambda m: m.pop("digest"),
+])
+def test_edited_metadata_is_refused_by_its_digest(big, tmp_path, edit):
+    """Format 3: the metadata carries the SHA-256 of its own canonical JSON; an edit that
+    leaves it well-formed (a renamed leaf, another bit width or scale dtype: each restored
+    other values without error under format 2) is refused, and so is a missing digest."""
+    _, path = big
+    ck = _copy(path, tmp_path / "ck")
+    _edit_meta(ck, edit, digest=False)
+    with pytest.raises(CheckpointError, match="does not match its digest"):
+        jquant.restore(ck)
+
+
+def test_format_2_without_digest_still_loads(big, tmp_path):
+    tree, path = big
+    ck = _copy(path, tmp_path / "ck")
+
+    def downgrade(m):
+        m["format_version"] = 2
+        m.pop("digest")
+
+    _edit_meta(ck, downgrade)
+    assert_same_tree(tree, jquant.restore(ck))
