@@ -7,7 +7,7 @@ collective on a worker of its shared intra-op thread pool, whose size defaults t
 of cores. On a 2-core machine two participants waiting in an all-reduce take both workers,
 and the six others, queued on the same pool, never run: the process hangs, or after 40 s
 aborts with "Termination timeout for `all reduce RendezvousKey...`" (seen in CI, and
-reproduced here in 2 of 4 runs of the 8-device test under load, 0 of 9 with the guard).
+reproduced here in 2 of 4 runs of the 8-device test under load, 0 of 13 with the guard).
 
 XLA sizes that pool from the ``NPROC`` environment variable when it is set (read once, when
 the CPU client is created). :func:`guard` sets ``NPROC`` to N + the number of cores, so that
@@ -20,11 +20,16 @@ import os
 import re
 
 
+def pool_size(devices: int) -> int:
+    """The pool size that keeps a collective over ``devices`` CPU devices from deadlocking."""
+    return devices + (os.cpu_count() or 1)
+
+
 def guard(environ=os.environ) -> int | None:
     """Set ``NPROC`` for ``--xla_force_host_platform_device_count=N`` (N > 1); returns what it set."""
     m = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
     if not m or int(m.group(1)) < 2 or environ.get("NPROC"):
         return None
-    n = int(m.group(1)) + (os.cpu_count() or 1)
+    n = pool_size(int(m.group(1)))
     environ["NPROC"] = str(n)
     return n

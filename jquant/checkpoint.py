@@ -13,7 +13,7 @@ leaf (Orbax reads some damaged chunks without complaint). QTensor parts are chec
 against their metadata (:func:`jquant.qtensor.check_parts`) and their values (finite
 scales, indices in range: :func:`jquant.qtensor.check_values`) on save and on restore.
 Format version 3 adds ``digest``, the SHA-256 of the metadata itself (its canonical JSON
-without the digest), verified before anything else: an edited leaf name, bit width or scale
+without the digest), verified once the metadata's structure is checked: an edited leaf name, bit width or scale
 dtype in the JSON (found by fuzzing: 14 in 10,000 mutated checkpoints restored other values
 without error under version 2) is a :class:`CheckpointError`. Version-2 checkpoints (no
 digest) and version-1 ones (no checksums either) still load, the latter with a
@@ -178,11 +178,7 @@ def load_meta(path: str | os.PathLike) -> dict:
 def _meta_digest(meta: dict) -> str:
     """SHA-256 of the metadata's canonical JSON (sorted keys, no spaces), ``digest`` left out."""
     body = {k: v for k, v in meta.items() if k != "digest"}
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError):  # a value JSON cannot hold again: not what save wrote
-        return ""
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 _QT_FIELDS = ("shape", "dtype", "grid", "granularity", "group_size", "axis", "word_bits", "method", "parts")

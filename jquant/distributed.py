@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jquant import _xla_cpu
 from jquant.errors import ShapeError, SpecError, at
 from jquant.qtensor import QTensor, is_qtensor
 
@@ -125,7 +126,7 @@ def _warn_cpu_pool(devices) -> None:
     cores = os.cpu_count() or 1
     if local > cores and not os.environ.get("NPROC"):
         warnings.warn(f"{local} CPU devices on {cores} cores: XLA:CPU's collectives can deadlock when its thread "
-                      f"pool ({cores} threads) is smaller than the device count; set NPROC={local + cores} "
+                      f"pool ({cores} threads) is smaller than the device count; set NPROC={_xla_cpu.pool_size(local)} "
                       "before JAX starts (importing jquant before any JAX call does it)", RuntimeWarning, stacklevel=3)
 
 
