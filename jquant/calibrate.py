@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant import checkpoint, distributed
+from jquant import _xla_cpu, checkpoint, distributed
 from jquant._atomic import write_json, write_npy
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
 from jquant.models.llama import DecoderBlock
@@ -303,11 +303,13 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
             bstate = _replace(bstate, new)
             if data_size > 1:  # the quantized linears (on this process) back onto the mesh
                 bstate = distributed.put(bstate, replicated)
+            _xla_cpu.trim_host_memory()  # the stage's freed temporaries back to the system
         # The quantized block's outputs are the next block's inputs.
         f = stage_fn(block_gd, len(groups), ())
         with clock("forward"):
             hidden = [f(bstate, carry, ())[0]["h"] for carry in carries]
             del carries
+            _xla_cpu.trim_host_memory()
             if not all(bool(jnp.all(jnp.isfinite(h))) for h in hidden):
                 raise NonFiniteError(f"{prefix[:-1]}: block outputs hold NaN/Inf after quantization")
         block_states[i] = distributed.to_host(bstate)  # this process's copy (the mesh is for the work)

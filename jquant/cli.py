@@ -397,7 +397,8 @@ def cmd_eval(args) -> int:
     # Parameters reach the jitted evaluation as bound arguments of a Partial (not as constants).
     # The quantized model as its blocks and its head: compare runs both heads over chunks of
     # positions (a 262k vocabulary's logits are the largest arrays of an evaluation).
-    q_fn = evaluate.HiddenAndHead(Partial(lambda st, t: nnx.merge(qgraphdef, st).hidden(t), qstate),
+    # The blocks run one jitted block at a time (one compiled program per kind of block).
+    q_fn = evaluate.HiddenAndHead(evaluate.Blockwise(nnx.merge(qgraphdef, qstate)),
                                   Partial(lambda st, h: nnx.merge(qgraphdef, st).head(h), qstate))
     t0 = time.perf_counter()
     # The float model's last hidden states on these windows are cached (keyed by the model
@@ -405,7 +406,7 @@ def cmd_eval(args) -> int:
     # runs only the float head.
     bos = data.bos_token(tok)  # Gemma, Llama: every window starts with <bos>, as llama.cpp's perplexity
     windows = data.eval_windows(tokens, args.seq_len, args.max_windows, bos)
-    hidden = evaluate.reference_hidden(Partial(lambda st, t: nnx.merge(graphdef, st).hidden(t), state), tokens,
+    hidden = evaluate.reference_hidden(evaluate.Blockwise(model), tokens,
                                        seq_len=args.seq_len, batch_size=args.batch_size,
                                        max_windows=args.max_windows, progress=not args.quiet,
                                        cache=_reference_cache(manifest, windows), bos=bos)

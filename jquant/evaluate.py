@@ -71,6 +71,15 @@ def _partial(fn: Callable) -> Partial:
     return fn if isinstance(fn, Partial) else Partial(fn)
 
 
+def _eager(hidden_fn: Callable) -> Callable:
+    """``hidden_fn`` as a function called outside any jit: a :class:`Blockwise` as it is (it
+    jits its blocks), anything else jitted whole with its parameters as arguments."""
+    if isinstance(hidden_fn, Blockwise):
+        return hidden_fn
+    fn, jitted = _partial(hidden_fn), jax.jit(lambda f, t: f(t))
+    return lambda t: jitted(fn, t)
+
+
 def token_nll(logits, tokens):
     """Per-position NLL (float32) of ``tokens[:, 1:]`` under ``logits[:, :-1]``: shape ``(B, T-1)``."""
     lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -174,13 +183,12 @@ def reference_hidden(hidden_fn: Callable, tokens: np.ndarray, *, seq_len: int = 
                 return np.asarray(h)
         except (OSError, ValueError):
             pass  # unreadable: computed again below
-    fn = jax.jit(lambda f, t: f(t))
-    hidden_fn = _partial(hidden_fn)
+    hidden_fn = _eager(hidden_fn)
     out = []
     bar = _progress(len(windows), "reference", progress)
     for batch, mask in _batches(windows, batch_size):
         n = int(mask.sum())
-        out.append(np.asarray(fn(hidden_fn, batch))[:n])
+        out.append(np.asarray(hidden_fn(batch))[:n])
         if bar is not None:
             bar.update(n)
     if bar is not None:
@@ -202,12 +210,55 @@ class HiddenAndHead:
     few positions at a time: ``head(hidden(tokens))`` are the logits.
 
     Attributes:
-      hidden: ``int32 (B, T) -> (B, T, hidden)``, the last block's output; jit-traceable.
+      hidden: ``int32 (B, T) -> (B, T, hidden)``, the last block's output; jit-traceable, or
+        a :class:`Blockwise`.
       head: ``(B, t, hidden) -> (B, t, vocab)`` logits; jit-traceable.
     """
 
     hidden: Callable
     head: Callable
+
+
+class Blockwise:
+    """``model.hidden(tokens)`` run as one jitted call per block instead of one program for
+    the whole stack: the embedding, then each of ``model.layers``, each a jitted function of
+    (the block's parameters, its input). Blocks with the same structure share one compiled
+    program, so a 30-block model compiles one block, not 30 unrolled ones: less compile time
+    and less compile-time memory. The result equals :meth:`jquant.models.Llama.hidden` up to
+    float32 rounding where XLA fuses across a block boundary differently.
+
+    Args:
+      model: a :class:`jquant.models.Llama` (any family member), float or quantized.
+    Call:
+      ``int32 (B, T) -> (B, T, hidden)``; not jit-traceable (it calls jitted functions):
+      :func:`reference_hidden` and :func:`compare` call it outside their own jit.
+    """
+
+    def __init__(self, model):
+        from flax import nnx
+
+        graphdef, self._state = nnx.split(model)
+        self._embed = _compiled(("embed", graphdef), lambda: jax.jit(lambda st, t: nnx.merge(graphdef, st).embed(t)))
+        self._blocks = []
+        for layer in model.layers:
+            gd, st = nnx.split(layer)
+            fn = _compiled(("block", gd), lambda gd=gd: jax.jit(lambda st, h: nnx.merge(gd, st)(h)[0]))
+            self._blocks.append((fn, st))
+
+    def __call__(self, tokens):
+        h = self._embed(self._state, jnp.asarray(tokens))
+        for fn, st in self._blocks:
+            h = fn(st, h)
+        return h
+
+
+_COMPILED: dict = {}  # (kind, graph definition) -> jitted function, shared by every Blockwise
+
+
+def _compiled(key, make):
+    if key not in _COMPILED:
+        _COMPILED[key] = make()
+    return _COMPILED[key]
 
 
 _HEAD_CHUNK = 128  # positions per head call when both models come as hidden states and a head
@@ -235,11 +286,11 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
     """
     windows = eval_windows(np.asarray(tokens), seq_len, max_windows, bos)
     cached = isinstance(ref_logits_fn, CachedReference)
-    chunked = cached and isinstance(logits_fn, HiddenAndHead)
-    if isinstance(logits_fn, HiddenAndHead) and not chunked:
-        logits_fn = Partial(lambda hid, head, t: head(hid(t)), _partial(logits_fn.hidden), _partial(logits_fn.head))
+    split = isinstance(logits_fn, HiddenAndHead)  # its blocks run before (outside) the jitted statistics
+    chunked = cached and split
     fr = _partial(ref_logits_fn.head if cached else ref_logits_fn)
-    fq = (_partial(logits_fn.hidden), _partial(logits_fn.head)) if chunked else _partial(logits_fn)
+    fq = _partial(logits_fn.head if split else logits_fn)
+    q_hidden = _eager(logits_fn.hidden) if split else None
     if cached and ref_logits_fn.hidden.shape[:2] != windows.shape:
         raise ShapeError(f"cached reference of shape {ref_logits_fn.hidden.shape[:2]} does not match the "
                          f"{windows.shape} evaluation windows")
@@ -256,13 +307,12 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
         return jnp.stack([nll_r, nll_q, kl, top])
 
     @jax.jit
-    def stats(fr, fq, batch, mask, h):
+    def stats(fr, fq, batch, mask, h, hq):
         targets = jnp.concatenate([batch[:, 1:], jnp.full_like(batch[:, :1], -1)], axis=1)
         m = mask[:, None]
         if not chunked:
             ref = fr(h) if cached else fr(batch)
-            return chunk_stats(ref, fq(batch), targets, m)
-        hq = fq[0](batch)
+            return chunk_stats(ref, fq(hq) if split else fq(batch), targets, m)
         # Whole chunks in a scan, so they run one after another (unrolled, XLA may keep the
         # logits of every chunk alive at once); a shorter last chunk after it.
         b, t = batch.shape
@@ -271,12 +321,12 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
         if n:
             def body(acc, xs):
                 hr_c, hq_c, tg_c = xs
-                return acc + chunk_stats(fr(hr_c), fq[1](hq_c), tg_c, m), None
+                return acc + chunk_stats(fr(hr_c), fq(hq_c), tg_c, m), None
 
-            split = lambda a: jnp.moveaxis(a[:, :n * c].reshape(b, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
-            out, _ = jax.lax.scan(body, out, (split(h), split(hq), split(targets)))
+            parts = lambda a: jnp.moveaxis(a[:, :n * c].reshape(b, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
+            out, _ = jax.lax.scan(body, out, (parts(h), parts(hq), parts(targets)))
         if t > n * c:
-            out = out + chunk_stats(fr(h[:, n * c:]), fq[1](hq[:, n * c:]), targets[:, n * c:], m)
+            out = out + chunk_stats(fr(h[:, n * c:]), fq(hq[:, n * c:]), targets[:, n * c:], m)
         return out
 
     acc = np.zeros(4)
@@ -287,7 +337,8 @@ def compare(ref_logits_fn: Callable | CachedReference, logits_fn: Callable, toke
             h = ref_logits_fn.hidden[i * batch_size: (i + 1) * batch_size]
             if len(h) < batch_size:  # padded like the last batch of windows
                 h = np.concatenate([h, np.repeat(h[:1], batch_size - len(h), axis=0)])
-        acc += np.asarray(stats(fr, fq, batch, mask, h), dtype=np.float64)
+        hq = q_hidden(batch) if split else None
+        acc += np.asarray(stats(fr, fq, batch, mask, h, hq), dtype=np.float64)
         if bar is not None:
             bar.update(int(mask.sum()))
     if bar is not None:

@@ -222,3 +222,17 @@ def test_gemma3_gguf_softcapping_is_refused(tmp_path):
                       meta={"gemma3.final_logit_softcapping": (30.0, gguf.GGUFValueType.FLOAT32)})
     with pytest.raises(UnsupportedModelError, match=r"g\.gguf: GGUF gemma3\.final_logit_softcapping=30\.0"):
         load_gguf(tmp_path / "g.gguf", tokenizer=False)
+
+
+def test_blockwise_hidden_runs_sliding_and_global_blocks_each_with_its_own_program(gemma):
+    """`evaluate.Blockwise` (the CLI's evaluation) jits each kind of block once: Gemma's
+    sliding-window and global layers are two graphs, and the result is the model's own."""
+    from jquant import evaluate
+
+    _, _, model, _ = gemma(layers=4)
+    t = _tokens(seq=40)
+    compiled = lambda: sum(f._cache_size() for k, f in evaluate._COMPILED.items() if k[0] == "block")  # noqa: E731
+    before = compiled()
+    got = evaluate.Blockwise(model)(t)
+    assert compiled() - before == 2  # sliding, global: not one per layer
+    np.testing.assert_allclose(np.asarray(got), np.asarray(model.hidden(jnp.asarray(t))), rtol=1e-5, atol=1e-5)
