@@ -62,3 +62,37 @@ def write_npz(path: str, **arrays) -> None:
         fh.close()
         raise
     _replace(tmp, path, fh)
+
+
+def write_npy_parts(path: str, parts) -> str:
+    """Write the concatenation of ``parts`` along axis 0 as one ``.npy`` file, part by part
+    (never the whole array in memory), atomically; returns the file's SHA-256 (hex). The bytes
+    are those ``np.save`` writes for ``np.concatenate(parts)``. ``parts``: arrays of one dtype
+    and one trailing shape (host or CPU JAX arrays)."""
+    import hashlib
+    import io
+
+    parts = [np.asarray(p) for p in parts]
+    if not parts:
+        raise ValueError("write_npy_parts: no parts")
+    first = parts[0]
+    if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
+        raise ValueError("write_npy_parts: parts of different dtypes or trailing shapes")
+    header = np.lib.format.header_data_from_array_1_0(np.empty((0,) + first.shape[1:], first.dtype))
+    header["shape"] = (sum(len(p) for p in parts),) + first.shape[1:]
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    digest = hashlib.sha256(buf.getvalue())
+    tmp = path + ".tmp.npy"
+    fh = open(tmp, "wb")
+    try:
+        fh.write(buf.getvalue())
+        for p in parts:
+            data = memoryview(np.ascontiguousarray(p).reshape(-1).view(np.uint8))  # (bfloat16 has no buffer format)
+            fh.write(data)
+            digest.update(data)
+    except BaseException:
+        fh.close()
+        raise
+    _replace(tmp, path, fh)
+    return digest.hexdigest()

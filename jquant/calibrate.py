@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jquant import _xla_cpu, checkpoint, distributed
-from jquant._atomic import write_json, write_npy
+from jquant._atomic import write_json, write_npy_parts
 from jquant.errors import CheckpointError, DataError, NonFiniteError, SpecError, at
 from jquant.models.llama import DecoderBlock
 from jquant.qtensor import is_qtensor
@@ -509,14 +509,12 @@ class _Resume:
         self.save_blocks(block_states)
         if not all(i in self.saved for i in range(done + 1)):
             raise CheckpointError(f"{self.dir}: blocks {sorted(set(range(done + 1)) - self.saved)} were never written")
-        h = np.concatenate([np.asarray(x) for x in hidden])
         name = f"hidden_{done:03d}.npy"
-        path = os.path.join(self.dir, name)
-        write_npy(path, h)
-        with open(path, "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()
+        # batch by batch, hashed as written: no concatenated copy, no second read
+        digest = write_npy_parts(os.path.join(self.dir, name), hidden)
         write_json(self.progress, {"fingerprint": self.fp, "done": done,
-                                   "hidden": {"file": name, "dtype": h.dtype.name, "sha256": digest},
+                                   "hidden": {"file": name, "dtype": np.asarray(hidden[0]).dtype.name,
+                                              "sha256": digest},
                                    "logs": [dataclasses.asdict(e) for e in logs]})
         for f in os.listdir(self.dir):  # earlier resume points' hidden states
             if f.startswith("hidden") and f != name:

@@ -340,3 +340,23 @@ def test_the_pipeline_trims_host_memory_between_stages(tiny, monkeypatch):
     calibrate.quantize_model(model, toks[:8], [(LIN, GPTQ3)], batch_size=8, progress=False)
     groups = len(type(model.layers[0]).LINEAR_GROUPS)
     assert len(calls) == len(model.layers) * (groups + 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_resume_hidden_states_are_written_batch_by_batch_as_np_save_writes_them(tmp_path, dtype):
+    """The resume point's hidden states go to disk part by part, hashed as written (no
+    concatenated copy of 150 MB, no second read): the file is byte for byte what np.save
+    writes for the concatenation, and the digest is the file's SHA-256."""
+    import hashlib
+
+    from jquant._atomic import write_npy_parts
+
+    rng = np.random.default_rng(0)
+    parts = [jnp.asarray(rng.standard_normal((n, 5, 3)), dtype) for n in (4, 4, 2)]
+    digest = write_npy_parts(str(tmp_path / "h.npy"), parts)
+    np.save(tmp_path / "ref.npy", np.concatenate([np.asarray(p) for p in parts]))
+    got, want = (tmp_path / "h.npy").read_bytes(), (tmp_path / "ref.npy").read_bytes()
+    assert got == want and digest == hashlib.sha256(got).hexdigest()
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+    with pytest.raises(ValueError, match="trailing shapes"):
+        write_npy_parts(str(tmp_path / "bad.npy"), [parts[0], parts[0][:, :2]])
