@@ -307,7 +307,10 @@ def quantize_model(model, tokens, rules: Sequence[Rule], *, work_dir: str | None
         # The quantized block's outputs are the next block's inputs.
         f = stage_fn(block_gd, len(groups), ())
         with clock("forward"):
-            hidden = [f(bstate, carry, ())[0]["h"] for carry in carries]
+            hidden = []
+            for j in range(len(carries)):  # each batch's carry freed as its output arrives: the
+                hidden.append(f(bstate, carries[j], ())[0]["h"])  # peak is the carries, not carries + outputs
+                carries[j] = None
             del carries
             _xla_cpu.trim_host_memory()
             if not all(bool(jnp.all(jnp.isfinite(h))) for h in hidden):
