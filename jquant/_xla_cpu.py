@@ -36,7 +36,6 @@ def guard(environ=os.environ) -> int | None:
     return n
 
 
-
 def trim_host_memory() -> bool:
     """Return the free memory in glibc malloc's heaps to the system (``malloc_trim(0)``).
 
@@ -44,7 +43,7 @@ def trim_host_memory() -> bool:
     grows to 32 MiB) a calibration job's batches of activations, 10-30 MiB each, come from
     heaps; freed, their pages stay resident, and as the heaps fragment block after block the
     resident memory climbs by hundreds of MiB (GPTQ W4 of SmolLM2 on 128 windows: 2.9 GiB at
-    the end against 1.9 GiB after the first blocks). The calibration pipeline calls this
+    the end against 1.8 GiB in the first blocks). The calibration pipeline calls this
     between stages, where it costs milliseconds; mapping every large array on its own
     (``mallopt(M_MMAP_THRESHOLD)``) would do the same at the cost of page faults on every
     allocation (15% more forward time, measured). Returns False where the C library has no
