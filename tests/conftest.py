@@ -90,6 +90,46 @@ def ref():
     return types.SimpleNamespace(f16=f16, grouped=grouped, stored_params=stored_params, int_grid=int_grid)
 
 
+# ----------------------------------------------------------------------------- a tiny model on disk
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """``(model dir, text file)``: a random 2-block Llama (hidden 64, MLP 256, vocab 320) saved
+    by ``transformers`` as a Hugging Face directory, with a byte-level BPE tokenizer trained
+    on the text (Python documentation): what a user's own small checkpoint looks like to the
+    examples and the CLI."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from jquant import data
+
+    d = tmp_path_factory.mktemp("tiny")
+    text = data.load_text("pydoc")[:400_000]
+    (d / "text.txt").write_text(text)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text[i:i + 2000] for i in range(0, 100_000, 2000)], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
+                                               eos_token="<|endoftext|>")
+    assert len(tok) <= 320
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape) if name.endswith("norm.weight") else
+                    torch.randn(p.shape) / np.sqrt(p.shape[-1]))
+    model.save_pretrained(d / "model", safe_serialization=True)
+    tok.save_pretrained(d / "model")
+    return str(d / "model"), str(d / "text.txt")
+
+
 # ----------------------------------------------------------------------------- headless browser
 
 
@@ -151,3 +191,63 @@ def check_page(path: str) -> _Page:
 def browser():
     """``check_page``: open an HTML file in headless Chromium (see :func:`check_page`)."""
     return check_page
+
+
+# ----------------------------------------------------------------------------- compiled programs
+
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def pytest_configure(config):
+    """Compile fast: most of the suite's time is XLA:CPU compiling thousands of small programs
+    (50–100 ms each here), few of which run long.
+
+    - LLVM's optimisation level 0 (``XLA_FLAGS``, for this process and the subprocesses the
+      tests start): a quarter less time over the suite, the same HLO and the same numerics
+      contracts (every reference comparison still holds). ``JQUANT_TEST_XLA_DEFAULT=1`` runs
+      the suite at XLA's default level, as users run jquant.
+    - One persistent XLA compilation cache for the whole run, shared with those subprocesses
+      (examples, 8-device and 2-process runs, the CLI): the same program compiles once. It
+      starts empty in a fresh temporary directory, so no result depends on an earlier run; a
+      ``JAX_COMPILATION_CACHE_DIR`` the caller set is used instead. A size limit turns on JAX's
+      file lock, so processes that run at once never read an entry half written.
+    """
+    import sys
+    import tempfile
+
+    settings = {}
+    if not os.environ.get("JQUANT_TEST_XLA_DEFAULT") and _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+        settings["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        config._jquant_xla_cache = tempfile.mkdtemp(prefix="jquant-test-xla-")
+        settings.update({"JAX_COMPILATION_CACHE_DIR": config._jquant_xla_cache,
+                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+                         "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
+    os.environ.update(settings)
+    if "jax" in sys.modules and "JAX_COMPILATION_CACHE_DIR" in settings:  # its config read the environment already
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", settings["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    path = getattr(config, "_jquant_xla_cache", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cpu_devices_env():
+    """``env(n, **extra)``: this process's environment for a subprocess with ``n`` fake CPU
+    devices (``--xla_force_host_platform_device_count``, added to the run's ``XLA_FLAGS``)."""
+
+    def env(n: int, **extra) -> dict:
+        flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+
+    return env

@@ -137,10 +137,10 @@ json.dump(report, open(OUT + ".json", "w"))
 
 
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory):
+def eight(tmp_path_factory, cpu_devices_env):
     """What the 8-device subprocess computed: ``(arrays, report)``."""
     out = str(tmp_path_factory.mktemp("dist") / "eight")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     r = subprocess.run([sys.executable, "-c", f"OUT = {out!r}\n" + SCRIPT], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -312,7 +312,7 @@ for run in range(2):  # the second run resumes from the files process 0 wrote
 """
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def test_two_processes_equal_one_process(tmp_path, cpu_devices_env):
     """``jax.distributed`` on localhost, 2 processes × 4 CPU devices, gloo collectives: the
     pipeline (statistics over 'data' across processes, GPTQ columns over all 8 devices)
     gives every process the single-process codes, and a second run resumes from process 0's files."""
@@ -324,8 +324,8 @@ def test_two_processes_equal_one_process(tmp_path):
     work = str(tmp_path / "work")
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   JQUANT_COORDINATOR=f"localhost:{port}", JQUANT_NUM_PROCESSES="2", JQUANT_PROCESS_ID=str(pid))
+        env = cpu_devices_env(4, JQUANT_COORDINATOR=f"localhost:{port}", JQUANT_NUM_PROCESSES="2",
+                              JQUANT_PROCESS_ID=str(pid))
         log = open(tmp_path / f"p{pid}.log", "w")
         procs.append((subprocess.Popen([sys.executable, "-c", f"WORK = {work!r}\n" + TWO_PROCESS], env=env,
                                        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))

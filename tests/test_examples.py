@@ -15,36 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model dir, text file): a random 2-block Llama (hidden 64, MLP 256, vocab 320) with a
-    byte-level BPE tokenizer trained on the text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-
-    from jquant import data
-
-    d = tmp_path_factory.mktemp("tiny")
-    text = data.load_text("pydoc")[:400_000]
-    (d / "text.txt").write_text(text)
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([text[i:i + 2000] for i in range(0, 100_000, 2000)], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                               eos_token="<|endoftext|>")
-    assert len(tok) <= 320
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape) if name.endswith("norm.weight") else
-                    torch.randn(p.shape) / np.sqrt(p.shape[-1]))
-    model.save_pretrained(d / "model", safe_serialization=True)
-    tok.save_pretrained(d / "model")
-    return str(d / "model"), str(d / "text.txt")
+def tiny(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def run(name, *args):

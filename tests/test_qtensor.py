@@ -164,8 +164,8 @@ SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_dequantize_subprocess():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+def test_sharded_dequantize_subprocess(cpu_devices_env):
+    env = cpu_devices_env(8)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)

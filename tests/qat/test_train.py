@@ -125,9 +125,9 @@ np.save(OUT, np.asarray(res.losses))
 """
 
 
-def test_data_parallel_on_8_devices_equals_one_device(tmp_path):
+def test_data_parallel_on_8_devices_equals_one_device(tmp_path, cpu_devices_env):
     out = tmp_path / "dp.npy"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + DP_SCRIPT], env=env, cwd=root,
                        capture_output=True, text=True, timeout=600)

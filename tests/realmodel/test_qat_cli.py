@@ -1,5 +1,7 @@
 """A QAT recipe through `jquant quantize` on the real default model (two steps: the plumbing;
-quality is measured by benchmarks/qat.py)."""
+quality is measured by benchmarks/qat.py). Slow (3 minutes here, most of it compiling the
+30-block training step); the default run checks the same plumbing on a small checkpoint on
+disk (tests/qat/test_cli.py)."""
 
 import json
 import os
@@ -12,6 +14,7 @@ from jquant import cli
 pytestmark = pytest.mark.realmodel
 
 
+@pytest.mark.slow
 def test_cli_qat_recipe_trains_resumes_and_saves(tmp_path):
     """From HQQ's result (a data-free method's QTensors start the training), with held-out
     perplexity every 2 steps."""
