@@ -4,6 +4,7 @@ power loss the target is either the old file or the whole new one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -23,7 +24,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _replace(tmp: str, path: str, fh) -> None:
+@contextlib.contextmanager
+def _writing(path: str, suffix: str, mode: str = "wb"):
+    """The open temporary file ``path + suffix``; when the block ends without an error it is
+    flushed to disk and renamed over ``path``. On an error it is closed and left, and the
+    target is untouched."""
+    tmp = path + suffix
+    fh = open(tmp, mode)
+    try:
+        yield fh
+    except BaseException:
+        fh.close()
+        raise
     fh.flush()
     os.fsync(fh.fileno())
     fh.close()
@@ -32,36 +44,18 @@ def _replace(tmp: str, path: str, fh) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    fh = open(tmp, "w")
-    try:
+    with _writing(path, ".tmp", "w") as fh:
         json.dump(obj, fh, indent=1)
-    except BaseException:
-        fh.close()
-        raise
-    _replace(tmp, path, fh)
 
 
 def write_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    fh = open(tmp, "wb")
-    try:
+    with _writing(path, ".tmp.npy") as fh:
         np.save(fh, arr)
-    except BaseException:
-        fh.close()
-        raise
-    _replace(tmp, path, fh)
 
 
 def write_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    fh = open(tmp, "wb")
-    try:
+    with _writing(path, ".tmp.npz") as fh:
         np.savez(fh, **arrays)
-    except BaseException:
-        fh.close()
-        raise
-    _replace(tmp, path, fh)
 
 
 def write_npy_parts(path: str, parts) -> str:
@@ -83,16 +77,10 @@ def write_npy_parts(path: str, parts) -> str:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
     digest = hashlib.sha256(buf.getvalue())
-    tmp = path + ".tmp.npy"
-    fh = open(tmp, "wb")
-    try:
+    with _writing(path, ".tmp.npy") as fh:
         fh.write(buf.getvalue())
         for p in parts:
             data = memoryview(np.ascontiguousarray(p).reshape(-1).view(np.uint8))  # (bfloat16 has no buffer format)
             fh.write(data)
             digest.update(data)
-    except BaseException:
-        fh.close()
-        raise
-    _replace(tmp, path, fh)
     return digest.hexdigest()
