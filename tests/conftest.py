@@ -216,21 +216,20 @@ def pytest_configure(config):
     import sys
     import tempfile
 
-    settings = {}
     if not os.environ.get("JQUANT_TEST_XLA_DEFAULT") and _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-        settings["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        config._jquant_xla_cache = tempfile.mkdtemp(prefix="jquant-test-xla-")
-        settings.update({"JAX_COMPILATION_CACHE_DIR": config._jquant_xla_cache,
-                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-                         "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
-    os.environ.update(settings)
-    if "jax" in sys.modules and "JAX_COMPILATION_CACHE_DIR" in settings:  # its config read the environment already
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    config._jquant_xla_cache = tempfile.mkdtemp(prefix="jquant-test-xla-")
+    cache = {"jax_compilation_cache_dir": config._jquant_xla_cache,
+             "jax_persistent_cache_min_compile_time_secs": 0.2,
+             "jax_compilation_cache_max_size": 8 << 30}
+    os.environ.update({name.upper(): str(value) for name, value in cache.items()})  # read by every process
+    if "jax" in sys.modules:  # imported before this hook: its config read the environment already
         import jax
 
-        jax.config.update("jax_compilation_cache_dir", settings["JAX_COMPILATION_CACHE_DIR"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-        jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+        for name, value in cache.items():
+            jax.config.update(name, value)
 
 
 def pytest_unconfigure(config):

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return tiny_llama_dir
+pytest.importorskip("torch")  # the examples' checkpoint is written by transformers (tiny_llama_dir)
+pytest.importorskip("transformers")
 
 
 def run(name, *args):
@@ -43,8 +38,8 @@ def test_01_params_tree():
     assert "dense1/kernel" in out and "2/4 quantized" in out
 
 
-def test_02_quantize_and_generate(tiny):
-    model, text = tiny
+def test_02_quantize_and_generate(tiny_llama_dir):
+    model, text = tiny_llama_dir
     out = run("02_quantize_and_generate.py", "--model", model, "--text", text, "--seq-len", "64", "--windows", "2",
               "--new-tokens", "5", "--prompt", "def f(x):")
     ppl = [float(x) for x in re.findall(r"perplexity on .*: ([\d.]+)$", out, re.M)]
@@ -53,8 +48,8 @@ def test_02_quantize_and_generate(tiny):
     assert re.search(r"^rtn_w4_g64: '.*'$", out, re.M), out
 
 
-def test_03_calibrate_on_your_text(tiny):
-    model, text = tiny
+def test_03_calibrate_on_your_text(tiny_llama_dir):
+    model, text = tiny_llama_dir
     out = run("03_calibrate_on_your_text.py", "--model", model, "--text", text, "--other-text", "licenses",
               "--windows", "8", "--seq-len", "64", "--eval-windows", "2", "--group-size", "32")
     assert "GPTQ on 8 windows of 64 tokens: 14 linears" in out
@@ -63,23 +58,23 @@ def test_03_calibrate_on_your_text(tiny):
     assert set(rows) == {"float", "RTN W4", "GPTQ W4"}, out
 
 
-def test_04_orbax_mesh(tiny, tmp_path):
-    model, _ = tiny
+def test_04_orbax_mesh(tiny_llama_dir, tmp_path):
+    model, _ = tiny_llama_dir
     out = run("04_orbax_mesh.py", "--model", model, "--out", str(tmp_path / "ck"), "--mesh", "data=2,model=4")
     assert "mesh {'data': 2, 'model': 4}" in out and "same next tokens: True" in out, out
     assert float(re.search(r"max \|diff\| ([\d.e+-]+)", out)[1]) < 1e-4
     assert re.search(r"codes \((\d+), (\d+)\) are held as \(\1, (\d+)\)", out), out
 
 
-def test_05_rotations_w4a4(tiny):
-    model, text = tiny
+def test_05_rotations_w4a4(tiny_llama_dir):
+    model, text = tiny_llama_dir
     out = run("05_rotations_w4a4.py", "--model", model, "--text", text, "--seq-len", "64", "--windows", "2")
     kl = re.findall(r"^(W4A4|QuaRot W4A4)\s+on 14 linears: perplexity [\d.]+ \(float [\d.]+\), KL ([\d.]+)", out, re.M)
     assert [k[0] for k in kl] == ["W4A4", "QuaRot W4A4"], out
 
 
-def test_06_qat(tiny, tmp_path):
-    model, text = tiny
+def test_06_qat(tiny_llama_dir, tmp_path):
+    model, text = tiny_llama_dir
     args = ["--model", model, "--train-text", text, "--eval-text", text, "--steps", "3", "--windows", "8",
             "--seq-len", "32", "--eval-windows", "2", "--work-dir", str(tmp_path / "qat")]
     out = run("06_qat.py", *args)
@@ -89,8 +84,8 @@ def test_06_qat(tiny, tmp_path):
     assert again.splitlines()[-1] == out.splitlines()[-1]
 
 
-def test_07_export(tiny, tmp_path):
-    model, _ = tiny
+def test_07_export(tiny_llama_dir, tmp_path):
+    model, _ = tiny_llama_dir
     out = run("07_export.py", "--model", model, "--out", str(tmp_path))
     diffs = [float(x) for x in re.findall(r"max \|logit diff\| ([\d.e+-]+), same next tokens True", out)]
     assert len(diffs) == 3 and max(diffs) < 1e-3, out
