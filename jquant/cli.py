@@ -174,6 +174,7 @@ def cmd_quantize(args) -> int:
                 cal[key] = value
         cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
     model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
+    recipe = recipe.for_model(config.num_hidden_layers)  # rules that select layers ("layers: more_bits")
     float_bytes = jq.summary(nnx.state(model)).nbytes  # the model as loaded (a rotation may untie its head)
     stages: dict[str, float] = {}  # wall seconds by stage of the calibration job
     toks = None

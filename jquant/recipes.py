@@ -10,6 +10,13 @@ A recipe is data, not code; it maps one-to-one onto rules of ``QuantSpec``::
       - pattern: "embed_tokens"
         spec: null          # keep in float
 
+A weight rule may also name the decoder layers it applies to (``layers:``): a list of
+indices (negative ones count from the end) or ``more_bits``, llama.cpp's layer set for its
+``_M`` mixes (``use_more_bits``: the first and last eighth of the layers and every third layer
+between). Such a recipe is bound to a model's layer count with :meth:`Recipe.for_model`,
+which turns each selection into a plain pattern (``^layers/(?:0|1|5)/`` before the rule's
+own); the CLI does that right after loading the model.
+
 ``load_recipe`` accepts a path or the name of a file in ``configs/`` (with or without
 ``.yaml``).
 """
@@ -43,10 +50,16 @@ class Recipe:
     rotation: RotationSpec | None = None  # rotations fused before quantizing (QuaRot)
     qat: QATConfig | None = None  # quantization-aware training of the rules' kernels
     mesh: str | None = None  # devices of the calibration job, "data=2,model=4" (jquant.distributed)
+    # per rule: None (every layer), a tuple of layer indices or "more_bits"; () when no rule selects
+    layers: tuple[tuple[int, ...] | str | None, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        rules = [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.rules]
+        for r, sel in zip(rules, self.layers):
+            if sel is not None:
+                r["layers"] = sel if isinstance(sel, str) else list(sel)
         d = {"name": self.name, "description": self.description, "calibration": dict(self.calibration),
-             "rules": [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.rules]}
+             "rules": rules}
         if self.activations:
             d["activations"] = [{"pattern": p, "spec": None if s is None else s.to_dict()} for p, s in self.activations]
         if self.kv_cache is not None:
@@ -59,6 +72,60 @@ class Recipe:
             d["mesh"] = self.mesh
         return d
 
+    def for_model(self, num_layers: int) -> Recipe:
+        """The recipe with every rule's ``layers`` selection written into its pattern for a
+        model of ``num_layers`` decoder layers (paths ``layers/<i>/...``); unchanged when no
+        rule selects layers.
+
+        Raises:
+          SpecError: a listed index outside ``[-num_layers, num_layers)``.
+        """
+        if not any(sel is not None for sel in self.layers):
+            return self
+        rules = []
+        for i, ((pat, spec), sel) in enumerate(zip(self.rules, self.layers)):
+            if sel is not None:
+                idx = select_layers(sel, num_layers, f"recipe {self.name!r}: rule {i} ({pat!r})")
+                pat = f"^(?=layers/(?:{'|'.join(map(str, idx))})/).*?(?:{pat})" if idx else "(?!)"
+            rules.append((pat, spec))
+        return dataclasses.replace(self, rules=tuple(rules), layers=())
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's layer set for the more-bits tensors of its ``_M`` mixes (``llama-quant.cpp``):
+    the first and last eighth of the layers (integer division) and every third layer between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def select_layers(sel: tuple[int, ...] | str, num_layers: int, where: str) -> list[int]:
+    """The sorted layer indices a rule's ``layers`` selection names in a model of
+    ``num_layers`` layers (see the module docstring); ``where`` names the rule in errors."""
+    if sel == "more_bits":
+        return [i for i in range(num_layers) if use_more_bits(i, num_layers)]
+    out = set()
+    for i in sel:
+        if not -num_layers <= i < num_layers:
+            raise SpecError(f"{where}: layer {i} does not exist in a model of {num_layers} layers "
+                            f"(valid: {-num_layers} .. {num_layers - 1})")
+        out.add(i % num_layers)
+    return sorted(out)
+
+
+LAYER_SETS = ("more_bits",)
+
+
+def _layers_of(sel, where: str):
+    """A rule's ``layers`` value checked: a non-empty list of integers or a named set."""
+    if isinstance(sel, str):
+        if sel not in LAYER_SETS:
+            raise SpecError(f"{where}: layers {sel!r} is not a known layer set; valid: a list of layer indices "
+                            f"or one of {', '.join(LAYER_SETS)}")
+        return sel
+    if not isinstance(sel, list) or not sel or not all(isinstance(i, int) and not isinstance(i, bool) for i in sel):
+        raise SpecError(f"{where}: layers must be a non-empty list of layer indices or one of "
+                        f"{', '.join(LAYER_SETS)}, got {short(sel)}")
+    return tuple(sel)
+
 
 def available() -> list[str]:
     """Names of the recipes shipped in ``configs/``."""
@@ -68,7 +135,8 @@ def available() -> list[str]:
 
 
 RECIPE_KEYS = ("name", "description", "calibration", "rules", "activations", "kv_cache", "rotation", "qat", "mesh")
-RULE_KEYS = ("pattern", "spec")
+RULE_KEYS = ("pattern", "spec")  # of activation rules
+WEIGHT_RULE_KEYS = ("pattern", "spec", "layers")
 # Calibration settings of data-driven recipes: key -> (type, lowest valid value or None).
 CALIBRATION_KEYS = {"text": (str, None), "windows": (int, 1), "seq_len": (int, 2), "seed": (int, 0),
                     "batch_size": (int, 1)}
@@ -101,13 +169,13 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
         raise SpecError(f"{source}: unknown recipe key(s) {sorted(unknown)}; valid: {', '.join(RECIPE_KEYS)}")
     if not isinstance(d["rules"], list):
         raise SpecError(f"{source}: 'rules' must be a list of {{pattern, spec}} entries, got {type(d['rules']).__name__}")
-    rules = []
+    rules, layers = [], []
     for i, r in enumerate(d["rules"]):
         if not isinstance(r, dict) or "pattern" not in r or "spec" not in r:
             raise SpecError(f"{source}: rule {i} needs 'pattern' and 'spec' keys, got {short(r)}")
-        extra = set(r) - set(RULE_KEYS)
+        extra = set(r) - set(WEIGHT_RULE_KEYS)
         if extra:
-            raise SpecError(f"{source}: rule {i} has unknown key(s) {sorted(extra)}; valid: {', '.join(RULE_KEYS)}")
+            raise SpecError(f"{source}: rule {i} has unknown key(s) {sorted(extra)}; valid: {', '.join(WEIGHT_RULE_KEYS)}")
         if not isinstance(r["pattern"], str):
             raise SpecError(f"{source}: rule {i}: pattern must be a string, got {short(r['pattern'])}")
         if r["spec"] is not None and not isinstance(r["spec"], dict):
@@ -119,6 +187,8 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
         except TypeError as e:  # a value of the wrong type deep in a comparison
             raise SpecError(f"{source}: rule {i} ({r['pattern']!r}): {e}") from e
         rules.append((r["pattern"], spec))
+        layers.append(None if r.get("layers") is None else
+                      _layers_of(r["layers"], f"{source}: rule {i} ({r['pattern']!r})"))
     for key in ("name", "description", "mesh"):
         if key in d and d[key] is not None and not isinstance(d[key], str):
             raise SpecError(f"{source}: {key} must be a string, got {short(d[key])}")
@@ -138,7 +208,8 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
                   activations=_activation_rules(d.get("activations"), source),
                   kv_cache=_section(ActQuantSpec, d.get("kv_cache"), f"{source}: kv_cache"),
                   rotation=_section(RotationSpec, d.get("rotation"), f"{source}: rotation"),
-                  qat=_section(QATConfig, d.get("qat"), f"{source}: qat"), mesh=d.get("mesh"))
+                  qat=_section(QATConfig, d.get("qat"), f"{source}: qat"), mesh=d.get("mesh"),
+                  layers=tuple(layers) if any(x is not None for x in layers) else ())
 
 
 def _section(cls, d, where: str):

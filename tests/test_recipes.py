@@ -115,3 +115,87 @@ def test_mesh_field():
     for bad, match in [("data=two", "integer"), ("tensor=2", "unknown axis"), (8, "must be a string")]:
         with pytest.raises(SpecError, match=match):
             recipes.recipe_from_dict({**base, "mesh": bad}, "r.yaml")
+
+
+def _more_bits_reference(n):
+    """llama.cpp's use_more_bits, written out from its C source (integer division; C's % on a
+    negative left operand is never reached because the first test already holds there)."""
+    return [i for i in range(n) if i < n // 8 or i >= (7 * n) // 8 or (i >= n // 8 and (i - n // 8) % 3 == 2)]
+
+
+def test_layer_selection_more_bits_and_indices():
+    from jquant.spec import compile_rules, match
+
+    # llama.cpp on a 32-layer Llama: attn_v/ffn_down of layers 0-3, 6, 9, ..., 27, 28-31 get Q6_K
+    assert recipes.select_layers("more_bits", 32, "r") == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    for n in (1, 2, 3, 8, 22, 30, 80):
+        assert recipes.select_layers("more_bits", n, "r") == _more_bits_reference(n), n
+    r = recipes.load_recipe("q4_k_m")
+    assert r.layers == ("more_bits", None, None)
+    assert recipes.recipe_from_dict(r.to_dict(), "again") == r  # the selection survives the manifest
+    bound = r.for_model(30)
+    assert bound.layers == () and bound.for_model(30) == bound
+    rules = compile_rules(bound.rules)
+    fmt = {p: match(p, rules)[1].format for p in
+           ("layers/0/self_attn/v_proj/kernel", "layers/3/self_attn/v_proj/kernel", "layers/5/mlp/down_proj/kernel",
+            "layers/15/mlp/down_proj/kernel", "layers/29/mlp/down_proj/kernel", "layers/29/self_attn/q_proj/kernel",
+            "layers/2/mlp/up_proj/kernel", "embed_tokens/embedding")}
+    assert fmt == {"layers/0/self_attn/v_proj/kernel": "q6_k", "layers/3/self_attn/v_proj/kernel": "q4_k",
+                   "layers/5/mlp/down_proj/kernel": "q6_k", "layers/15/mlp/down_proj/kernel": "q4_k",
+                   "layers/29/mlp/down_proj/kernel": "q6_k", "layers/29/self_attn/q_proj/kernel": "q4_k",
+                   "layers/2/mlp/up_proj/kernel": "q4_k", "embed_tokens/embedding": "int"}
+    # a list of indices, negative ones from the end; a pattern anchored on its own still works
+    doc = {"rules": [{"pattern": "^layers/\\d+/mlp/down_proj/kernel$", "layers": [0, -1], "spec": {"bits": 8}},
+                     {"pattern": "kernel$", "spec": {"bits": 4}}]}
+    rules = compile_rules(recipes.recipe_from_dict(doc, "d").for_model(4).rules)
+    assert [match(f"layers/{i}/mlp/down_proj/kernel", rules)[1].bits for i in range(4)] == [8, 4, 4, 8]
+    assert match("layers/3/mlp/up_proj/kernel", rules)[1].bits == 4
+    with pytest.raises(SpecError, match=r"rule 0 .*layer -5 does not exist in a model of 4 layers \(valid: -4 .. 3\)"):
+        recipes.recipe_from_dict({**doc, "rules": [{**doc["rules"][0], "layers": [-5]}]}, "d").for_model(4)
+
+
+@pytest.mark.parametrize("layers, match", [
+    ("most_bits", r"layers 'most_bits' is not a known layer set; valid: .*more_bits"),
+    ([], r"layers must be a non-empty list of layer indices"),
+    ([1.5], r"layers must be a non-empty list"),
+    ([True], r"layers must be a non-empty list"),
+    (3, r"layers must be a non-empty list"),
+])
+def test_bad_layer_selections(layers, match):
+    with pytest.raises(SpecError, match=match):
+        recipes.recipe_from_dict({"rules": [{**GOOD_RULE, "layers": layers}]}, "r.yaml")
+
+
+def test_q4_k_m_through_the_cli(tiny_llama_dir, tmp_path):
+    """The mix on a 2-layer checkpoint (hidden 64, MLP 256): more_bits selects layer 1, whose
+    v_proj (64 inputs) falls back from Q6_K to Q8_0 and whose down_proj (256 inputs) keeps
+    Q6_K; layer 0 gets Q4_K (v_proj: fallback Q5_0); the tied embedding is int8 per 32 along
+    its rows, and the quantized model runs."""
+    import json
+    import os
+
+    import jax
+    import numpy as np
+
+    import jquant as jq
+    from jquant import cli
+    from jquant.qtensor import is_qtensor
+
+    model, text = tiny_llama_dir
+    out = str(tmp_path / "q4km")
+    assert cli.main(["quantize", "--model", model, "--recipe", "q4_k_m", "--out", out, "--quiet"]) == 0
+    q = jq.restore(os.path.join(out, "params"))
+    leaves = {jq.spec.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(q, is_leaf=is_qtensor)[0]}
+    fmt = {p: x.grid.fmt for p, x in leaves.items() if is_qtensor(x)}
+    assert fmt["layers/1/self_attn/v_proj/kernel"] == "q8_0" and fmt["layers/1/mlp/down_proj/kernel"] == "q6_k"
+    assert fmt["layers/0/self_attn/v_proj/kernel"] == "q5_0" and fmt["layers/0/mlp/down_proj/kernel"] == "q4_k"
+    assert fmt["layers/1/mlp/up_proj/kernel"] == "q5_0" and fmt["embed_tokens/embedding"] == "int"
+    emb = leaves["embed_tokens/embedding"]
+    assert emb.axis == 1 and emb.group_size == 32 and emb.grid.bits == 8
+    man = json.load(open(os.path.join(out, "jquant.json")))
+    # the manifest keeps the recipe as bound to this model: its layer selection written out
+    assert "layers" not in man["recipe"]["rules"][0] and man["recipe"]["rules"][0]["pattern"].startswith(
+        "^(?=layers/(?:1)/)")
+    assert cli.main(["eval", out, "--text", text, "--seq-len", "64", "--max-windows", "2", "--quiet"]) == 0
+    res = json.load(open(os.path.join(out, "eval_text.json")))
+    assert np.isfinite(res["kl"]) and 0 < res["kl"] < 0.05  # 4-6 bits and an 8-bit embedding: close to float
