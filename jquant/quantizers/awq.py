@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.errors import SpecError, at
-from jquant.quantizers.registry import Method, get, register
+from jquant.quantizers.registry import Method, get, options_of, register
 from jquant.quantizers.rtn import fake_quant
 from jquant.spec import QuantSpec
 
@@ -73,13 +73,11 @@ class AWQOptions:
                 "static_groups": self.static_groups, "max_damp_tries": self.max_damp_tries}
 
 
-def options(spec: QuantSpec) -> AWQOptions:
-    return get("awq").parse_options(spec.options)
 
 
 def inner_spec(spec: QuantSpec) -> QuantSpec:
     """The spec of the quantizer that runs on the scaled weights."""
-    o = options(spec)
+    o = options_of(spec)
     return dataclasses.replace(spec, method=o.then, options=o._gptq_options() if o.then == "gptq" else ())
 
 
@@ -99,7 +97,7 @@ def search_scales(kernels: tuple, H, act_abs_mean, *, spec: QuantSpec):
     ``kernels``: the group's Flax kernels ``(in, out_l)``; ``H``: ``(in, in)``; ``spec``: the
     RTN grid the search quantizes with.
     """
-    n = options(spec).grid
+    n = options_of(spec).grid
     rspec = dataclasses.replace(spec, method="rtn", options=())
     cands = candidate_scales(act_abs_mean, [i / n for i in range(n)])
     H = H.astype(jnp.float32)
@@ -117,7 +115,7 @@ def search_scales(kernels: tuple, H, act_abs_mean, *, spec: QuantSpec):
 
 
 def _check(spec: QuantSpec, path: str | None = None) -> None:
-    o = options(spec)
+    o = options_of(spec)
     if spec.axis != 0:
         raise SpecError(at(path, f"AWQ scales the input rows of a Flax kernel (in, out): axis must be 0, got {spec.axis}"))
     del o
@@ -126,7 +124,7 @@ def _check(spec: QuantSpec, path: str | None = None) -> None:
 
 def _stats(spec: QuantSpec) -> tuple[str, ...]:
     """The search's statistics, and those of the quantizer that follows."""
-    return tuple(sorted({"act_abs_mean", "hessian", *get(options(spec).then).stats_for(inner_spec(spec))}))
+    return tuple(sorted({"act_abs_mean", "hessian", *get(options_of(spec).then).stats_for(inner_spec(spec))}))
 
 
 def _quantize(w, spec: QuantSpec, stats, *, path: str | None = None):
@@ -177,7 +175,7 @@ def prepare_block(bstate, structure, specs: dict, collect, replace, leaf, *, pre
         kernels = tuple(leaf(bstate, f"{n}/kernel") for n in awq)
         s, losses = search_scales(kernels, st["hessian"], st["act_abs_mean"], spec=first)
         best = int(jnp.argmin(losses))
-        info[leader] = {"alpha": best / options(first).grid, "loss": float(losses[best]), "loss_rtn": float(losses[0])}
+        info[leader] = {"alpha": best / options_of(first).grid, "loss": float(losses[best]), "loss_rtn": float(losses[0])}
         bstate = fold_scales(bstate, names, fold, s, replace, leaf)
     return bstate, info
 

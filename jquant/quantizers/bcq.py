@@ -53,7 +53,7 @@ from jax import lax
 from jquant import formats
 from jquant.errors import NonFiniteError, SpecError, at
 from jquant.qtensor import GroupLayout, QTensor
-from jquant.quantizers.registry import Method, register
+from jquant.quantizers.registry import Method, options_of, register
 from jquant.quantizers.rtn import check_weight, layout_for, pack_qtensor
 from jquant.spec import QuantSpec
 
@@ -268,7 +268,7 @@ def bcq_quantize(w, spec: QuantSpec, *, path: str | None = None) -> tuple[QTenso
         (checked by ``quantize_weight``).
     """
     _check(spec, path)
-    opts = get_options(spec)
+    opts = options_of(spec)
     w = jnp.asarray(w)
     check_weight(w, path)
     lay = layout_for(w.shape, spec, path)
@@ -289,10 +289,6 @@ def _check(spec: QuantSpec, path: str | None = None) -> None:
                                  f"(2^bits values are searched per element)"))
 
 
-def get_options(spec: QuantSpec) -> BCQOptions:
-    from jquant.quantizers.registry import get
-
-    return get("bcq").parse_options(spec.options)
 
 
 def _method(w, spec: QuantSpec, stats, *, path: str | None = None):

@@ -41,7 +41,7 @@ from jax import lax
 from jquant import formats
 from jquant.errors import DataError, NonFiniteError, ShapeError, SpecError, at
 from jquant.qtensor import GroupLayout, QTensor
-from jquant.quantizers.registry import Method, register
+from jquant.quantizers.registry import Method, options_of, register
 from jquant.quantizers.rtn import check_weight, find_range, layout_for, pack_qtensor
 from jquant.quantizers.stats import Hessian, hessian_update  # noqa: F401  (GPTQ's statistic)
 from jquant.spec import QuantSpec
@@ -74,11 +74,6 @@ class GPTQOptions:
         if self.max_damp_tries < 1:
             raise SpecError(f"GPTQ max_damp_tries must be >= 1, got {self.max_damp_tries}")
 
-    @classmethod
-    def from_spec(cls, spec: QuantSpec) -> GPTQOptions:
-        from jquant.quantizers.registry import get
-
-        return get("gptq").parse_options(spec.options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +344,7 @@ def gptq_quantize(w, H, spec: QuantSpec, *, path: str | None = None, mesh=None) 
     of the device count and the padding dropped). Each column's arithmetic is the
     single-device one; the result equals it up to float32 summation order.
     """
-    opts = GPTQOptions.from_spec(spec)
+    opts = options_of(spec)
     w = jnp.asarray(w)
     check_weight(w, path)
     if w.ndim != 2 or spec.axis % 2 != 0:

@@ -47,7 +47,7 @@ from jax import lax
 from jquant import formats
 from jquant.errors import SpecError, at
 from jquant.qtensor import GroupLayout, QTensor
-from jquant.quantizers.registry import Method, register
+from jquant.quantizers.registry import Method, options_of, register
 from jquant.quantizers.rtn import check_weight, find_range, layout_for, pack_qtensor
 from jquant.spec import QuantSpec
 
@@ -225,7 +225,7 @@ def hqq_quantize(w, spec: QuantSpec, *, path: str | None = None) -> tuple[QTenso
       SpecError: a symmetric or non-``int`` grid, or bad options.
       ShapeError, DTypeError, NonFiniteError: as :func:`jquant.quantize`.
     """
-    opts = get_options(spec).resolved(spec.zero_type)
+    opts = options_of(spec).resolved(spec.zero_type)
     _check(spec, path)
     w = jnp.asarray(w)
     check_weight(w, path)
@@ -241,10 +241,6 @@ def _check(spec: QuantSpec, path: str | None = None) -> None:
                                  "(use format='int', symmetric=False)"))
 
 
-def get_options(spec: QuantSpec) -> HQQOptions:
-    from jquant.quantizers.registry import get
-
-    return get("hqq").parse_options(spec.options)
 
 
 def _method(w, spec: QuantSpec, stats, *, path: str | None = None):

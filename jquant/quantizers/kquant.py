@@ -45,7 +45,7 @@ from jquant import formats
 from jquant.errors import DataError, ShapeError, SpecError, at
 from jquant.formats import FIXED_BITS, GGML_FORMATS, Grid
 from jquant.qtensor import QTensor
-from jquant.quantizers.registry import Method, register
+from jquant.quantizers.registry import Method, options_of, register
 
 QK_K = 256
 #: weights per block
@@ -852,14 +852,10 @@ class KQuantOptions:
     fallback: bool = False
 
 
-def _options(spec) -> KQuantOptions:
-    from jquant.quantizers.registry import get
-
-    return get("kquant").parse_options(spec.options)
 
 
 def _stats(spec) -> tuple[str, ...]:
-    return ("act_sq_mean",) if _options(spec).imatrix else ()
+    return ("act_sq_mean",) if options_of(spec).imatrix else ()
 
 
 def resolve_type(qtype: str, K: int, fallback: bool, path: str | None = None) -> str:
@@ -907,7 +903,7 @@ def kquant_quantize(w, spec, importance=None, *, path: str | None = None) -> tup
     """
     from jquant.quantizers.rtn import check_weight
 
-    opts = _options(spec)
+    opts = options_of(spec)
     w = jnp.asarray(w)
     check_weight(w, path)
     if w.ndim != 2 or spec.axis % max(w.ndim, 1) != 0:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.errors import NonFiniteError, ShapeError, SpecError, at
-from jquant.quantizers.registry import Method, get, register
+from jquant.quantizers.registry import Method, options_of, register
 from jquant.quantizers.rtn import check_weight
 from jquant.quantizers.rtn import quantize as rtn_quantize
 from jquant.spec import QuantSpec
@@ -70,7 +70,7 @@ def outlier_rows(act_abs_max, threshold: float, max_fraction: float) -> np.ndarr
 def quantize_with_outliers(w, spec: QuantSpec, act_abs_max, *, path: str | None = None):
     """Quantize ``w`` (``(in, out)``) keeping the outlier input rows in float16. Returns
     ``(QTensor, info)`` with ``info = {"outliers": n, "fraction": n/in}``."""
-    o = get("outliers").parse_options(spec.options)
+    o = options_of(spec)
     _check(spec, path)
     w = jnp.asarray(w)
     check_weight(w, path)

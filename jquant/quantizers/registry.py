@@ -142,6 +142,12 @@ def get(name: str) -> Method:
     return m
 
 
+def options_of(spec) -> Any:
+    """The options dataclass of ``spec``'s method, read from ``spec.options`` (validated;
+    SpecError as :meth:`Method.parse_options`)."""
+    return get(spec.method).parse_options(spec.options)
+
+
 def check_spec(spec) -> None:
     """Validate a QuantSpec against its method (format accepted, options well-formed)."""
     m = get(spec.method)

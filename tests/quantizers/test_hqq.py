@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jquant as jq
 from jquant.errors import SpecError
 from jquant.quantizers import hqq, quantize_weight
+from jquant.quantizers.registry import options_of
 
 
 def f16(v):
@@ -134,7 +135,7 @@ def _solve_objectives(w, bits, gs, zero_type, max_iters, **options):
     s0, zp0 = hqq.formats.params_from_range(*hqq.find_range(xg, sp), sp.grid)
     out = []
     for k in range(max_iters + 1):
-        opts = dataclasses_replace(hqq.get_options(sp).resolved(zero_type), iters=k)
+        opts = dataclasses_replace(options_of(sp).resolved(zero_type), iters=k)
         out.append(np.asarray(hqq.hqq_solve(xg, s0, zp0, grid=sp.grid, opts=opts)[2]))
     return np.stack(out)
 
