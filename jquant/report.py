@@ -291,8 +291,8 @@ def _fig_worst_weights(worst: list[LinearStats]) -> bytes:
     for j, s in enumerate(worst):
         a = axes[0, j]
         w = s.weights.ravel()
-        a.hist(w, bins=120, log=True, color="tab:blue", alpha=0.8, label="W")
-        a.hist(s.error.ravel(), bins=120, log=True, color="tab:red", alpha=0.6, label="W − Q")
+        a.hist(w, bins=120, log=True, histtype="stepfilled", color="tab:blue", alpha=0.8, label="W")
+        a.hist(s.error.ravel(), bins=120, log=True, histtype="stepfilled", color="tab:red", alpha=0.6, label="W − Q")
         a.set_title(s.path.removesuffix("/kernel"), fontsize=8)
         a.legend(fontsize=7)
         b = axes[1, j]
