@@ -110,3 +110,42 @@ def test_read_block_checks(saved):
         read_block(3)
     st = read_block(0)
     assert _leaves(st)["self_attn/q_proj/kernel"].shape == (64, 64)
+
+
+def test_streamed_gguf_blocks_equal_the_loaded_model(tmp_path):
+    """stream_gguf: every check first, blocks dequantized only when read, and the quantized
+    result equal to the model loaded whole (a Q4_1 file, as the default model ships)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
+    from fuzz_cases import tiny_state
+    from gguf_writer import write_gguf_state
+
+    from jquant.models.gguf import load_gguf, stream_gguf
+
+    sd, cfg = tiny_state(layers=3, hidden=64, inter=160, vocab=128, heads=4, kv_heads=2)
+    f = tmp_path / "m.gguf"
+    write_gguf_state(f, sd, cfg, qtype="Q4_1")
+    model, _, _ = load_gguf(f, tokenizer=False)
+    smodel, config, read_block = stream_gguf(f)
+    assert config.num_hidden_layers == 3
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in _leaves(nnx.state(smodel.layers)).values())
+    for i in range(3):
+        want = _leaves(nnx.state(model.layers[i]))
+        got = _leaves(read_block(i))
+        assert sorted(got) == sorted(want)
+        for p in want:
+            _same(got[p], want[p], f"layers/{i}/{p}")
+    with pytest.raises(CheckpointError, match=r"m.gguf: no decoder block 3 \(the model has 3\)"):
+        read_block(3)
+    toks = np.random.default_rng(1).integers(0, 128, size=(8, 32)).astype(np.int32)
+    whole, _ = calibrate.quantize_model(model, toks, RULES[:1], batch_size=8, progress=False)
+    handed = {}
+    calibrate.quantize_model(smodel, toks, RULES[:1], batch_size=8, progress=False, read_block=read_block,
+                             on_block=lambda i, st: handed.update({i: st}))
+    expect = _leaves(whole)
+    for i, st in handed.items():
+        for path, leaf in _leaves(st).items():
+            _same(leaf, expect[f"layers/{i}/{path}"], f"layers/{i}/{path}")
+    assert sorted(handed) == [0, 1, 2]

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -456,12 +457,73 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
       UnsupportedModelError: another architecture or rope variant.
     """
     path = default_model_path() if path is None else Path(path)
+    model, config, placed, value = _open(path, dtype)
+    for p, t in placed.items():
+        _node(model, p).set_value(value(p, t))
+    tok = load_gguf_tokenizer(path) if tokenizer else None
+    return model, config, tok
+
+
+def stream_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32):
+    """Open a GGUF file with its decoder blocks left on disk (memory-mapped, not dequantized).
+
+    Every check of :func:`load_gguf` runs first (every tensor's name, place and shape); the
+    embedding, final norm and head are dequantized now, each block's tensors only when
+    asked for, so a model far larger than memory can be quantized block by block
+    (:func:`jquant.calibrate.quantize_model` with ``read_block``), as
+    :func:`jquant.models.hf.stream_hf` does for safetensors.
+
+    Returns:
+      ``(model, config, read_block)``: ``model``'s blocks hold ``jax.ShapeDtypeStruct``
+      leaves (no memory); ``read_block(i)`` returns block ``i``'s ``nnx.State`` (float
+      ``dtype``, kernels ``(in, out)``, q/k un-permuted), dequantized from the file now.
+    Raises:
+      as :func:`load_gguf`; CheckpointError also for a block that does not exist.
+    """
+    from flax import nnx
+
+    from jquant.spec import path_str
+
+    path = default_model_path() if path is None else Path(path)
+    model, config, placed, value = _open(path, dtype)
+    blocks: dict[int, list] = {}
+    for p, t in placed.items():
+        if p[0] == "layers":
+            blocks.setdefault(p[1], []).append((p, t))
+        else:
+            _node(model, p).set_value(value(p, t))
+
+    def read_block(i: int) -> nnx.State:
+        """Block ``i``'s parameters, dequantized from the file now (nothing of it is cached)."""
+        if i not in blocks:
+            raise CheckpointError(f"{path}: no decoder block {i} (the model has {config.num_hidden_layers})")
+        values = {"/".join(map(str, p[2:])): value(p, t) for p, t in blocks[i]}
+        _, abstract = nnx.split(model.layers[i])
+        return jax.tree_util.tree_map_with_path(lambda kp, _: values[path_str(kp)], abstract)
+
+    return model, config, read_block
+
+
+def _node(model, p: tuple):
+    node = model
+    for k in p:
+        node = node[k] if isinstance(k, int) else getattr(node, k)
+    return node
+
+
+def _open(path: Path, dtype):
+    """Check every tensor of a GGUF file against the model its metadata describes, without
+    reading any tensor data. Returns ``(abstract model, config, placed, value)``:
+    ``placed`` maps each parameter's path to its tensor, ``value(p, t)`` reads, dequantizes
+    and lays out one tensor (finite-checked, q/k un-permuted, kernels ``(in, out)``)."""
+    from flax import nnx
+
     reader = _reader(path)
     config = config_from_gguf(reader)
     arch = _meta(reader, "general.architecture")
     permute = arch == "llama"
     model = abstract_model(config, dtype=dtype)
-    loaded = set()
+    placed = {}
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue
@@ -469,10 +531,8 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
         if p is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} ({t.tensor_type.name}, "
                                   f"shape {_numpy_shape(t)}): not part of a {config.model_type} model")
-        node = model
         try:
-            for k in p:
-                node = node[k] if isinstance(k, int) else getattr(node, k)
+            node = _node(model, p)
             if node is None:
                 raise AttributeError
         except (AttributeError, IndexError):
@@ -483,6 +543,12 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
         if _numpy_shape(t) != want:
             raise CheckpointError(f"{path}: tensor {t.name!r} has shape {_numpy_shape(t)}, "
                                   f"but the metadata implies {want}")
+        placed[tuple(p)] = t
+    missing = [tuple(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and tuple(p) not in placed]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) for {', '.join('/'.join(map(str, p)) for p in missing[:8])}")
+
+    def value(p: tuple, t: TensorInfo):
         arr = finite(_dequantize(t, path), f"{path}: tensor {t.name!r} ({t.tensor_type.name})")
         n_head = _qk_heads(t.name, config)
         if permute and n_head is not None:
@@ -491,15 +557,9 @@ def load_gguf(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
             arr = arr - np.float32(1)  # llama.cpp stores Gemma's norm weight 1 + w; ours is w (exact in float32)
         if p[-1] == "kernel":
             arr = arr.T
-        node.set_value(jnp.asarray(np.ascontiguousarray(arr).astype(dtype)))
-        loaded.add(p)
-    from flax import nnx
+        return jnp.asarray(np.ascontiguousarray(arr).astype(dtype))
 
-    missing = [tuple(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and tuple(p) not in loaded]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) for {', '.join('/'.join(map(str, p)) for p in missing[:8])}")
-    tok = load_gguf_tokenizer(path) if tokenizer else None
-    return model, config, tok
+    return model, config, placed, value
 
 
 def load_gguf_tokenizer(path: str | os.PathLike | None = None):
