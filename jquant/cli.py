@@ -39,15 +39,35 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def _load_model(model_path: str | None, dtype: str):
+def _load_model(model_path: str | None, dtype: str, stream: bool = False):
+    """``(model, config, tokenizer, path, seconds)``; with ``stream``, the blocks left on disk
+    and ``read_block`` appended (:func:`jquant.models.stream`)."""
     import jax.numpy as jnp
 
     from jquant import models
 
     t = time.perf_counter()
     path = models.resolve_model(model_path)
+    if stream:
+        model, config, tok, read_block = models.stream(path, dtype=jnp.dtype(dtype))
+        return model, config, tok, str(path), time.perf_counter() - t, read_block
     model, config, tok = models.load(path, dtype=jnp.dtype(dtype))
     return model, config, tok, str(path), time.perf_counter() - t
+
+
+def _stream_refusal(recipe, data_driven: bool, cal: dict | None) -> str | None:
+    """Why a job cannot stream its blocks (None: it can). Streaming runs the calibration
+    pipeline block by block; whatever needs the whole float model at once cannot."""
+    if recipe.rotation is not None or recipe.qat is not None:
+        return (f"recipe {recipe.name!r} has a {'rotation' if recipe.rotation is not None else 'qat'} section, which "
+                "runs the whole model; stream only calibration recipes without one")
+    if not data_driven:
+        return (f"recipe {recipe.name!r} is data-free: it quantizes each weight on its own, with the model loaded "
+                "whole; --stream is for calibration recipes (GPTQ, AWQ, imatrix k-quants, outliers)")
+    if cal["text"] == "selfgen" or "selfgen" in cal["text"].split("+"):
+        return ("the calibration text 'selfgen' is written by the whole float model; give another with --calib-text "
+                "(pydoc, licenses, hf:..., a file)")
+    return None
 
 
 ROTATIONS = "rotations.npz"  # the learned rotations of a job (kind: learned), beside params/
@@ -173,7 +193,15 @@ def cmd_quantize(args) -> int:
             if value is not None:
                 cal[key] = value
         cal = recipes.check_calibration(cal, "calibration settings (recipe and command line)")
-    model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
+    read_block = None
+    if args.stream:
+        why = _stream_refusal(recipe, data_driven, cal)
+        if why:
+            print(f"error: --stream: {why}", file=sys.stderr)
+            return 2
+        model, config, tok, model_path, t_load, read_block = _load_model(args.model, args.dtype, stream=True)
+    else:
+        model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
     recipe = recipe.for_model(config.num_hidden_layers)  # rules that select layers ("layers: more_bits")
     float_bytes = jq.summary(nnx.state(model)).nbytes  # the model as loaded (a rotation may untie its head)
     stages: dict[str, float] = {}  # wall seconds by stage of the calibration job
@@ -205,7 +233,8 @@ def cmd_quantize(args) -> int:
         bar.close()
         qstate, logs = calibrate.quantize_model(model, toks, recipe.rules, work_dir=os.path.join(out, "work"),
                                                 batch_size=cal["batch_size"], progress=not args.quiet,
-                                                model_id=model_path, timings=stages, mesh=mesh)
+                                                model_id=model_path, timings=stages, mesh=mesh,
+                                                read_block=read_block)
         seen.extend(e.path for e in logs)
         seen.extend(x.path for x in jq.summary(qstate).quantized if not x.path.startswith("layers/"))
         calib_info = {**cal, "layers": [dataclasses.asdict(e) for e in logs]}
@@ -602,6 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices of a calibration job, e.g. data=2,model=4 (recipe's mesh: by default; else 'data' "
                         "over all devices): batches split over data, GPTQ columns over every device. Several "
                         "processes: set JQUANT_COORDINATOR=host:port, JQUANT_NUM_PROCESSES, JQUANT_PROCESS_ID")
+    q.add_argument("--stream", action="store_true",
+                   help="read the decoder blocks from the model file one at a time during calibration, so the float "
+                        "model is never whole in memory (calibration recipes such as GPTQ/AWQ; needs a calibration "
+                        "text other than selfgen; no rotations or QAT)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)

@@ -24,10 +24,11 @@ from jquant.models.gguf import (
     load_gguf,
     load_gguf_tokenizer,
     read_gguf_tensor,
+    stream_gguf,
     unpermute_qk,
 )
 from jquant.models.hf import PICKLE_SUFFIXES, refuse_pickle
-from jquant.models.hf import hf_name_to_path, load_hf, path_to_hf_name, read_config, save_hf
+from jquant.models.hf import hf_name_to_path, load_hf, path_to_hf_name, read_config, save_hf, stream_hf
 from jquant.models.gemma import Gemma3, Gemma3Config, Gemma3DecoderBlock
 from jquant.models.layers import Embed, Linear, RMSNorm, attend, dense, embed, is_qtensor, materialize
 from jquant.models.llama import (
@@ -72,20 +73,49 @@ def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llam
     path = resolve_model(path)
     if path.is_dir():
         model, config = load_hf(path, dtype)
-        tok = None
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path))
-            except Exception as e:  # transformers raises many kinds on a corrupt tokenizer file
-                raise CheckpointError(f"{path}: cannot load the tokenizer files ({type(e).__name__}: {e})") from e
-        return model, config, tok
+        return model, config, _hf_tokenizer(path)
     if path.suffix == ".gguf":
         return load_gguf(path, dtype)
+    raise _not_a_model(path)
+
+
+def stream(path: str | os.PathLike | None = None, dtype=jnp.float32):
+    """Open a model as :func:`load` does, with its decoder blocks left on disk
+    (:func:`jquant.models.hf.stream_hf`, :func:`jquant.models.gguf.stream_gguf`).
+
+    Returns:
+      ``(model, config, tokenizer, read_block)``: ``model``'s blocks hold
+      ``jax.ShapeDtypeStruct`` leaves; ``read_block(i)`` reads block ``i``'s parameters
+      (``nnx.State``) when called, for :func:`jquant.calibrate.quantize_model`.
+    Raises:
+      as :func:`load`.
+    """
+    path = resolve_model(path)
+    if path.is_dir():
+        model, config, read_block = stream_hf(path, dtype)
+        return model, config, _hf_tokenizer(path), read_block
+    if path.suffix == ".gguf":
+        model, config, read_block = stream_gguf(path, dtype)
+        return model, config, load_gguf_tokenizer(path), read_block
+    raise _not_a_model(path)
+
+
+def _hf_tokenizer(path: Path):
+    """The tokenizer files of a Hugging Face directory (None when it has none)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds on a corrupt tokenizer file
+        raise CheckpointError(f"{path}: cannot load the tokenizer files ({type(e).__name__}: {e})") from e
+
+
+def _not_a_model(path: Path) -> Exception:
     if path.suffix in PICKLE_SUFFIXES:
-        raise refuse_pickle(path)
-    raise CheckpointError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+        return refuse_pickle(path)
+    return CheckpointError(f"{path}: expected a Hugging Face model directory or a .gguf file")
 
 
 __all__ = [
