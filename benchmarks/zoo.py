@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,11 +63,14 @@ def _kq(fmt, imatrix=False):
     return {"format": fmt, "method": "kquant", "options": {"fallback": True, "imatrix": imatrix}}
 
 
-# row -> (setting, label, what): what is a jquant spec dict, or ("peer:hqq", bits, group).
+# row -> (setting, label, what): what is a jquant spec dict, ("peer:hqq", bits, group), or
+# ("recipe", name) for a recipe's rules on the linears (mixes that differ by layer).
 ROWS = {
     "rtn_w4": ("W4 g64", "RTN (integer zero)", _int(4, 64)),
     "rtn_w4_fmin": ("W4 g64", "RTN (float minimum)", _int(4, 64, zero_type="float")),
     "hqq_w4": ("W4 g64", "HQQ (jquant, float minimum)", _int(4, 64, "hqq", zero_type="float")),
+    "hqq_w4_os": ("W4 g64", "HQQ (jquant, float minimum, scale refitted)",
+                  _int(4, 64, "hqq", zero_type="float", optimize_scale=True)),
     "hqq_w4_int": ("W4 g64", "HQQ (jquant, integer zero)", _int(4, 64, "hqq")),
     "peer_hqq_w4": ("W4 g64", "hqq package", ("peer:hqq", 4, 64)),
     "gptq_w4": ("W4 g64", "GPTQ act-order static", _gptq(4, 64)),
@@ -90,6 +94,11 @@ ROWS = {
     "outliers_w8": ("W8 chan", "LLM.int8 outliers (> 6.0) + int8", {"format": "int", "bits": 8, "granularity": "channel",
                                                                    "symmetric": True, "method": "outliers",
                                                                    "options": {"threshold": 6.0}}),
+    # BitNet's weight formats, post-training (BitNet trains with them; see QAT for that use).
+    "binary": ("1-bit", "BitNet binary (per tensor)", {"format": "binary", "granularity": "tensor"}),
+    "ternary": ("1.58-bit", "BitNet b1.58 ternary absmean (per tensor)", {"format": "ternary",
+                                                                         "granularity": "tensor"}),
+    "ternary_g64": ("1.58-bit", "ternary absmean g64", {"format": "ternary", "group_size": 64}),
     "bcq_w3": ("W3 g128", "BCQ 3 planes", {"format": "bcq", "bits": 3, "group_size": 128, "method": "bcq"}),
     "rtn_w3_g128": ("W3 g128", "RTN (integer zero)", _int(3, 128)),
     "mxfp4": ("block fp", "MXFP4 (E8M0 per 32)", {"format": "mxfp4", "method": "blockfloat"}),
@@ -107,11 +116,26 @@ ROWS = {
     "q4_0_imatrix": ("GGUF", "Q4_0 + imatrix", _kq("q4_0", True)),
     "q3_k": ("GGUF", "Q3_K (fallback Q4_0)", _kq("q3_k")),
     "q2_k": ("GGUF", "Q2_K (fallback Q4_0)", _kq("q2_k")),
+    # llama.cpp's mixes: a recipe's linear rules (its embedding rule left out, as in every row)
+    "q4_k_m": ("GGUF", "Q4_K_M mix (Q6_K on more-bits v/down)", ("recipe", "q4_k_m")),
+    "q5_k_m": ("GGUF", "Q5_K_M mix (Q6_K on more-bits v/down)", ("recipe", "q5_k_m")),
 }
 
 
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def _disk_mib(qstate) -> float:
+    """The size of the Orbax checkpoint of ``qstate``, in MiB."""
+    import jquant as jq
+
+    d = tempfile.mkdtemp(prefix="zoo_")
+    try:
+        jq.save(os.path.join(d, "params"), qstate)
+        return _dir_bytes(d) / 2**20
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def ensure_peer(out: str) -> str:
@@ -216,11 +240,20 @@ def run_row(name: str, ev: Evaluator, out: str, calib_windows: int) -> dict:
     setting, label, what = ROWS[name]
     row = {"row": name, "setting": setting, "method": label}
     t0 = time.perf_counter()
-    if isinstance(what, tuple):  # a peer
+    if isinstance(what, tuple) and what[0] == "recipe":
+        from jquant import recipes
+
+        recipe = recipes.load_recipe(what[1]).for_model(ev.config.num_hidden_layers)
+        rules = [(p, s) for p, s in recipe.rules if not re.search(p, "embed_tokens/embedding")]
+        qstate = jq.quantize_tree(ev.state, rules)
+        jax.block_until_ready(jax.tree_util.tree_leaves(qstate))
+        row["seconds"] = time.perf_counter() - t0
+        row["bits_per_weight"] = jq.summary(qstate).quantized_bits_per_weight
+        row["disk_mib"] = _disk_mib(qstate)
+        row["spec"] = {"recipe": recipe.to_dict()}
+    elif isinstance(what, tuple):  # a peer
         ensure_peer(out)
         _, bits, group = what
-        import re
-
         pat = re.compile(LINEARS)
         bpws = []
 
@@ -249,12 +282,7 @@ def run_row(name: str, ev: Evaluator, out: str, calib_windows: int) -> dict:
         jax.block_until_ready(jax.tree_util.tree_leaves(qstate))
         row["seconds"] = time.perf_counter() - t0
         row["bits_per_weight"] = jq.summary(qstate).quantized_bits_per_weight
-        d = tempfile.mkdtemp(prefix="zoo_")
-        try:
-            jq.save(os.path.join(d, "params"), qstate)
-            row["disk_mib"] = _dir_bytes(d) / 2**20
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
+        row["disk_mib"] = _disk_mib(qstate)
         row["spec"] = spec.to_dict()
     row["quality"] = ev.evaluate(qstate)
     return row
