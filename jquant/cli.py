@@ -39,9 +39,10 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def _load_model(model_path: str | None, dtype: str, stream: bool = False):
+def _load_model(model_path: str | None, dtype: str, stream: bool = False, tokenizer: bool = True):
     """``(model, config, tokenizer, path, seconds)``; with ``stream``, the blocks left on disk
-    and ``read_block`` appended (:func:`jquant.models.stream`)."""
+    and ``read_block`` appended (:func:`jquant.models.stream`); without ``tokenizer``, the
+    tokenizer is None (:class:`_Tokenizer` loads it when a text needs it)."""
     import jax.numpy as jnp
 
     from jquant import models
@@ -49,9 +50,9 @@ def _load_model(model_path: str | None, dtype: str, stream: bool = False):
     t = time.perf_counter()
     path = models.resolve_model(model_path)
     if stream:
-        model, config, tok, read_block = models.stream(path, dtype=jnp.dtype(dtype))
+        model, config, tok, read_block = models.stream(path, dtype=jnp.dtype(dtype), tokenizer=tokenizer)
         return model, config, tok, str(path), time.perf_counter() - t, read_block
-    model, config, tok = models.load(path, dtype=jnp.dtype(dtype))
+    model, config, tok = models.load(path, dtype=jnp.dtype(dtype), tokenizer=tokenizer)
     return model, config, tok, str(path), time.perf_counter() - t
 
 
@@ -128,12 +129,13 @@ def _prepare(model, recipe, quiet: bool = True, tokens=None, rotations: str | No
     return model
 
 
-def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model, progress: bool):
+def _calibration_tokens(out: str, toker: _Tokenizer, cal: dict, vocab: int, model, progress: bool):
     """The calibration windows, kept in ``out/work`` so a resumed job skips making them again
-    (self-generated ones take minutes)."""
+    (self-generated ones take minutes); the tokenizer is built only to make them."""
     import numpy as np
 
     from jquant import calibrate
+    from jquant.errors import DataError
 
     key = {k: cal[k] for k in ("text", "windows", "seq_len", "seed")}
     path, meta = os.path.join(out, "work", "tokens.npy"), os.path.join(out, "work", "tokens.json")
@@ -141,6 +143,9 @@ def _calibration_tokens(out: str, tok, cal: dict, vocab: int, model, progress: b
         with open(meta) as fh:
             if json.load(fh) == key:
                 return np.load(path)
+    tok = toker.get()
+    if tok is None:
+        raise DataError(f"{toker.model_path}: the model has no tokenizer to tokenize calibration text")
     toks = calibrate.calibration_tokens(tok, text=cal["text"], n=cal["windows"], seq_len=cal["seq_len"],
                                         seed=cal["seed"], vocab_size=vocab, model=model, progress=progress)
     from jquant import distributed
@@ -199,19 +204,18 @@ def cmd_quantize(args) -> int:
         if why:
             print(f"error: --stream: {why}", file=sys.stderr)
             return 2
-        model, config, tok, model_path, t_load, read_block = _load_model(args.model, args.dtype, stream=True)
+        model, config, _, model_path, t_load, read_block = _load_model(args.model, args.dtype, stream=True,
+                                                                        tokenizer=False)
     else:
-        model, config, tok, model_path, t_load = _load_model(args.model, args.dtype)
+        model, config, _, model_path, t_load = _load_model(args.model, args.dtype, tokenizer=False)
+    toker = _Tokenizer(model_path)  # built only if a text needs it (calibration, QAT's held-out windows)
     recipe = recipe.for_model(config.num_hidden_layers)  # rules that select layers ("layers: more_bits")
     float_bytes = jq.summary(nnx.state(model)).nbytes  # the model as loaded (a rotation may untie its head)
     stages: dict[str, float] = {}  # wall seconds by stage of the calibration job
     toks = None
     if cal is not None:  # from the float model (self-generated text), before any rotation or quantizer
-        if tok is None:
-            print("error: the model has no tokenizer to tokenize calibration text", file=sys.stderr)
-            return 2
         t_tok = time.perf_counter()
-        toks = _calibration_tokens(out, tok, cal, config.vocab_size, model, progress=not args.quiet)
+        toks = _calibration_tokens(out, toker, cal, config.vocab_size, model, progress=not args.quiet)
         stages["calibration_text"] = time.perf_counter() - t_tok
     t_rot = time.perf_counter()
     # rotations fused (learned ones first learned on the calibration windows); quantizers placed
@@ -258,8 +262,8 @@ def cmd_quantize(args) -> int:
         if recipe.qat.eval_every:  # held-out windows of pydoc (never the evaluation text of `jquant eval`)
             from jquant import data
 
-            ids = data.tokenize(tok, data.split_text(data.load_text("pydoc"))[1], config.vocab_size)
-            eval_toks = data.eval_windows(ids, toks.shape[1], 8, data.bos_token(tok))
+            ids = toker.ids(data.split_text(data.load_text("pydoc"))[1], config.vocab_size, "pydoc")
+            eval_toks = data.eval_windows(ids, toks.shape[1], 8, toker.bos())
         t_qat = time.perf_counter()
         res = qat.train(model, toks, recipe.rules, recipe.qat, work_dir=os.path.join(out, "qat"), init=init,
                         eval_tokens=eval_toks, progress=not args.quiet)
@@ -309,7 +313,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _eval_tokens(tok, vocab: int, source: str):
+def _eval_tokens(toker: _Tokenizer, vocab: int, source: str):
     from jquant import data
     from jquant.errors import DataError
 
@@ -323,7 +327,7 @@ def _eval_tokens(tok, vocab: int, source: str):
         text = data.load_text(source)
     if source == "pydoc":  # the calibration corpus: evaluate on its held-out tail only
         text = data.split_text(text)[1]
-    return data.tokenize(tok, text, vocab), source
+    return toker.ids(text, vocab, "the evaluation text"), source
 
 
 def _source_name(source: str) -> str:
@@ -335,24 +339,100 @@ def _source_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "text"
 
 
+def _files_hash(model_path: str):
+    """A sha256 object fed with the model files' identities (paths, sizes, mtimes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    model = os.path.realpath(model_path)
+    files = ([os.path.join(model, f) for f in sorted(os.listdir(model))] if os.path.isdir(model) else [model])
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h
+
+
+class _Tokenizer:
+    """A model's tokenizer, loaded only when a text is not yet cached: the token ids of a text
+    (and the model's ``<bos>``) are kept in ``$JQUANT_CACHE/tokens``, keyed by the model files,
+    the ``transformers`` version and the text, so a command whose texts were tokenized before
+    neither builds the tokenizer nor imports ``transformers`` (about 4 s)."""
+
+    def __init__(self, model_path: str, tok=None):
+        self.model_path, self._tok, self._loaded = model_path, tok, tok is not None
+
+    def get(self):
+        """The tokenizer (``None`` when the model has none)."""
+        if not self._loaded:
+            from jquant import models
+
+            self._tok, self._loaded = models.load_tokenizer(self.model_path), True
+        return self._tok
+
+    def _cached(self, what: bytes, make):
+        import hashlib
+        from importlib.metadata import version
+
+        import numpy as np
+
+        root = cache_root()
+        if root is None:
+            return make()
+        h = _files_hash(self.model_path)
+        h.update(f"transformers {version('transformers')}\n".encode())
+        h.update(hashlib.sha256(what).digest())
+        path = os.path.join(root, "tokens", h.hexdigest()[:32] + ".npy")
+        try:
+            return np.load(path)
+        except (OSError, ValueError):  # not cached yet, or a damaged entry
+            pass
+        ids = make()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_npy(path, ids)
+        except OSError:
+            pass  # an unwritable cache is skipped
+        return ids
+
+    def ids(self, text: str, vocab: int, what: str):
+        """Token ids (int32) of ``text`` (:func:`jquant.data.tokenize`); ``what`` names the text
+        in the error raised when the model has no tokenizer (DataError)."""
+        from jquant import data
+        from jquant.errors import DataError
+
+        def make():
+            tok = self.get()
+            if tok is None:
+                raise DataError(f"{self.model_path}: the model has no tokenizer files to tokenize {what}")
+            return data.tokenize(tok, text, vocab)
+
+        return data.check_ids(self._cached(text.encode("utf-8", "surrogatepass"), make), vocab)
+
+    def bos(self) -> int | None:
+        """:func:`jquant.data.bos_token` of the tokenizer (cached as the texts are)."""
+        import numpy as np
+
+        from jquant import data
+
+        def make():
+            tok = self.get()
+            return np.asarray([-1 if tok is None or data.bos_token(tok) is None else data.bos_token(tok)], np.int64)
+
+        b = int(self._cached(b"\0bos", make)[0])
+        return None if b < 0 else b
+
+
 def _reference_cache(manifest: dict, windows) -> str | None:
     """Where the float model's hidden states on ``windows`` are cached (None: caching off,
     ``JQUANT_CACHE=``); keyed by the model files (paths, sizes, mtimes), the dtype, the model
     code and the windows."""
-    import hashlib
-
     import jquant.models.layers
     import jquant.models.llama
 
     root = cache_root()
     if root is None:
         return None
-    h = hashlib.sha256()
-    model = os.path.realpath(manifest["model"])
-    files = ([os.path.join(model, f) for f in sorted(os.listdir(model))] if os.path.isdir(model) else [model])
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h = _files_hash(manifest["model"])
     for mod in (jquant.models.llama, jquant.models.layers):
         with open(mod.__file__, "rb") as fh:
             h.update(fh.read())
@@ -394,7 +474,6 @@ def cmd_eval(args) -> int:
     from flax import nnx
     from jax.tree_util import Partial
 
-    import jquant as jq
     from jquant import data, evaluate
 
     for name, value, lowest in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
@@ -406,10 +485,8 @@ def cmd_eval(args) -> int:
     manifest = _read_manifest(out, args.dir)
     if manifest is None:
         return 2
-    model, config, tok, _, _ = _load_model(manifest["model"], manifest["dtype"])
-    if tok is None:
-        print("error: the model has no tokenizer files to tokenize the evaluation text", file=sys.stderr)
-        return 2
+    model, config, _, _, _ = _load_model(manifest["model"], manifest["dtype"], tokenizer=False)
+    toker = _Tokenizer(manifest["model"])
     if args.batch_size is None:  # one step's (batch, head chunk, vocab) float32 logits within _EVAL_LOGITS
         chunk = min(args.seq_len, evaluate._HEAD_CHUNK)
         args.batch_size = max(1, min(4, _EVAL_LOGITS // (chunk * config.vocab_size)))
@@ -418,7 +495,7 @@ def cmd_eval(args) -> int:
     if manifest.get("reference_is_quantized"):
         print(f"warning: {manifest['model']} is itself the quantized checkpoint: the 'float32' row is that model "
               "(KL 0); import with --reference FLOAT_MODEL to compare against the float model", file=sys.stderr)
-    tokens, source = _eval_tokens(tok, config.vocab_size, args.text)
+    tokens, source = _eval_tokens(toker, config.vocab_size, args.text)
     cal = manifest.get("calibration") or {}
     if cal.get("text") == source and source != "pydoc":
         print(f"warning: '{source}' is also the calibration text of this model: the evaluation is not held out",
@@ -434,7 +511,7 @@ def cmd_eval(args) -> int:
     # The float model's last hidden states on these windows are cached (keyed by the model
     # files, the dtype, the model code and the windows): a later evaluation of another recipe
     # runs only the float head.
-    bos = data.bos_token(tok)  # Gemma, Llama: every window starts with <bos>, as llama.cpp's perplexity
+    bos = toker.bos()  # Gemma, Llama: every window starts with <bos>, as llama.cpp's perplexity
     windows = data.eval_windows(tokens, args.seq_len, args.max_windows, bos)
     hidden = evaluate.reference_hidden(evaluate.Blockwise(model), tokens,
                                        seq_len=args.seq_len, batch_size=args.batch_size,

@@ -130,6 +130,11 @@ def split_text(text: str, eval_fraction: float = 0.1) -> tuple[str, str]:
 def tokenize(tokenizer, text: str, vocab_size: int | None = None) -> np.ndarray:
     """Token ids (int32) of a whole text; checks they are inside the model's vocabulary."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if callable(tokenizer) else tokenizer.encode(text)
+    return check_ids(ids, vocab_size)
+
+
+def check_ids(ids, vocab_size: int | None = None) -> np.ndarray:
+    """``ids`` as int32, checked inside the model's vocabulary (DataError otherwise)."""
     ids = np.asarray(ids, dtype=np.int32)
     if vocab_size is not None and ids.size and (ids.max() >= vocab_size or ids.min() < 0):
         raise DataError(f"token ids range [{ids.min()}, {ids.max()}] outside the model's vocabulary of {vocab_size}")

@@ -144,11 +144,11 @@ def analyse(out: str, manifest: dict, *, windows: int = 4, seq_len: int = 256) -
 
     import jquant as jq
     from jquant import data, recipes
-    from jquant.cli import ROTATIONS, _load_model, _prepare
+    from jquant.cli import ROTATIONS, _load_model, _prepare, _Tokenizer
     from jquant.qtensor import is_qtensor
     from jquant.spec import path_str
 
-    model, config, tok, _, _ = _load_model(manifest["model"], manifest["dtype"])
+    model, config, _, _, _ = _load_model(manifest["model"], manifest["dtype"], tokenizer=False)
     # The float weights the quantizer saw: the recipe's rotations fused, its quantizers placed.
     prepared = _prepare(model, recipes.recipe_from_dict(manifest["recipe"], f"{out}/{MANIFEST} recipe"),
                         rotations=os.path.join(out, ROTATIONS))
@@ -182,10 +182,9 @@ def analyse(out: str, manifest: dict, *, windows: int = 4, seq_len: int = 256) -
         toks = np.load(tpath)[:windows, :seq_len]
         act_source = f"{toks.shape[0]} calibration windows of {toks.shape[1]} tokens (the job's own)"
     else:
-        if tok is None:
-            raise DataError(f"{manifest['model']}: the model has no tokenizer to tokenize text for the activations")
-        ids = data.tokenize(tok, data.split_text(data.load_text("pydoc"))[0], config.vocab_size)
-        toks = data.eval_windows(ids, seq_len, windows, data.bos_token(tok))
+        toker = _Tokenizer(manifest["model"])
+        ids = toker.ids(data.split_text(data.load_text("pydoc"))[0], config.vocab_size, "text for the activations")
+        toks = data.eval_windows(ids, seq_len, windows, toker.bos())
         act_source = f"{toks.shape[0]} windows of {seq_len} tokens of pydoc text"
     gd_embed, st = nnx.split(prepared)
     embed = jax.jit(lambda s, t: nnx.merge(gd_embed, s).embed(t))

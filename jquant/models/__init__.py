@@ -59,13 +59,16 @@ def resolve_model(path: str | os.PathLike | None) -> Path:
     return Path(path)
 
 
-def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llama, LlamaConfig, Any]:
+def load(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
+         tokenizer: bool = True) -> tuple[Llama, LlamaConfig, Any]:
     """Load a model from a Hugging Face directory, a ``.gguf`` file or a shipped model's name.
 
     Args:
       path: a directory (``config.json`` + safetensors), a ``.gguf`` file, or a name of
         :data:`SHIPPED_MODELS`; default: the project's default model (:func:`default_model_path`).
       dtype: parameter dtype.
+      tokenizer: also load the tokenizer (:func:`load_tokenizer`; ``False``: ``None``, and
+        ``transformers`` is not imported).
     Returns:
       ``(model, config, tokenizer)``: a :class:`Llama` or :class:`Gemma3` (by the checkpoint's
       architecture); the tokenizer is ``None`` for a HF directory without tokenizer files.
@@ -73,18 +76,29 @@ def load(path: str | os.PathLike | None = None, dtype=jnp.float32) -> tuple[Llam
     path = resolve_model(path)
     if path.is_dir():
         model, config = load_hf(path, dtype)
-        return model, config, _hf_tokenizer(path)
+        return model, config, _hf_tokenizer(path) if tokenizer else None
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, tokenizer=tokenizer)
     raise _not_a_model(path)
 
 
-def stream(path: str | os.PathLike | None = None, dtype=jnp.float32):
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The ``transformers`` tokenizer of a model :func:`load` takes (a GGUF file's vocabulary,
+    or a Hugging Face directory's tokenizer files); ``None`` for a directory without them."""
+    path = resolve_model(path)
+    if path.is_dir():
+        return _hf_tokenizer(path)
+    if path.suffix == ".gguf":
+        return load_gguf_tokenizer(path)
+    raise _not_a_model(path)
+
+
+def stream(path: str | os.PathLike | None = None, dtype=jnp.float32, *, tokenizer: bool = True):
     """Open a model as :func:`load` does, with its decoder blocks left on disk
     (:func:`jquant.models.hf.stream_hf`, :func:`jquant.models.gguf.stream_gguf`).
 
     Returns:
-      ``(model, config, tokenizer, read_block)``: ``model``'s blocks hold
+      ``(model, config, tokenizer or None, read_block)``: ``model``'s blocks hold
       ``jax.ShapeDtypeStruct`` leaves; ``read_block(i)`` reads block ``i``'s parameters
       (``nnx.State``) when called, for :func:`jquant.calibrate.quantize_model`.
     Raises:
@@ -93,10 +107,10 @@ def stream(path: str | os.PathLike | None = None, dtype=jnp.float32):
     path = resolve_model(path)
     if path.is_dir():
         model, config, read_block = stream_hf(path, dtype)
-        return model, config, _hf_tokenizer(path), read_block
+        return model, config, _hf_tokenizer(path) if tokenizer else None, read_block
     if path.suffix == ".gguf":
         model, config, read_block = stream_gguf(path, dtype)
-        return model, config, load_gguf_tokenizer(path), read_block
+        return model, config, load_gguf_tokenizer(path) if tokenizer else None, read_block
     raise _not_a_model(path)
 
 
@@ -123,6 +137,7 @@ __all__ = [
     "Llama", "LlamaConfig", "MLP", "RMSNorm", "SHIPPED_MODELS", "gemma3_270m_path", "resolve_model",
     "abstract_model", "apply_rope", "attend", "config_from_gguf", "default_model_path", "dense", "embed",
     "forward", "generate", "gguf_name_to_path", "gguf_q4_1_blocks", "hf_name_to_path", "init_model",
-    "is_qtensor", "load", "load_gguf", "load_gguf_tokenizer", "load_hf", "materialize", "path_to_hf_name",
+    "is_qtensor", "load", "load_gguf", "load_gguf_tokenizer", "load_hf", "load_tokenizer", "materialize",
+    "path_to_hf_name",
     "read_config", "read_gguf_tensor", "rope_cos_sin", "rope_inv_freq", "save_hf", "unpermute_qk",
 ]
