@@ -203,6 +203,13 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
         raise SpecError(f"{source}: a qat section after AWQ rules is not supported (AWQ folds its scales into the "
                         "norms, which QAT would take from the unscaled float model); use method: gptq (QAT starts "
                         "from its result) or rtn")
+    if d.get("qat") is not None:
+        for i, (pat, sp) in enumerate(rules):
+            if sp is not None and sp.method == "gptq" and sp.format == "int" and dict(sp.options).get("act_order") \
+                    and not dict(sp.options).get("static_groups"):
+                raise SpecError(f"{source}: rule {i} ({pat!r}): QAT trains contiguous groups, but GPTQ's act-order "
+                                "without static groups gives each input its own group index (g_idx); add "
+                                "static_groups: true to the options")
     return Recipe(name=d.get("name", os.path.basename(source)), description=d.get("description", ""),
                   rules=tuple(rules), calibration=check_calibration(d.get("calibration"), source),
                   activations=_activation_rules(d.get("activations"), source),

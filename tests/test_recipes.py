@@ -94,6 +94,12 @@ def test_qat_section():
         recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"step": 3}}, "doc")
     with pytest.raises(SpecError, match=r"qat: QAT objective='mse'; valid: kl, ce"):
         recipes.recipe_from_dict({"rules": [GOOD_RULE], "qat": {"objective": "mse"}}, "doc")
+    act_order = {"pattern": "proj/kernel$", "spec": {"method": "gptq", "bits": 2, "group_size": 32,
+                                                     "symmetric": False, "options": {"act_order": True}}}
+    with pytest.raises(SpecError, match=r"rule 0 .*QAT trains contiguous groups.*static_groups: true"):
+        recipes.recipe_from_dict({"rules": [act_order], "qat": {"steps": 3}}, "doc")
+    act_order["spec"]["options"]["static_groups"] = True
+    assert recipes.recipe_from_dict({"rules": [act_order], "qat": {"steps": 3}}, "doc").qat.steps == 3
     awq = {"pattern": "proj/kernel$", "spec": {"method": "awq", "bits": 4, "group_size": 64}}
     with pytest.raises(SpecError, match=r"qat section after AWQ rules is not supported"):
         recipes.recipe_from_dict({"rules": [awq], "qat": {"steps": 3}}, "doc")

@@ -158,7 +158,9 @@ def init_params(w, spec: QuantSpec, qt: QTensor | None = None) -> dict:
     if qt.grid.fmt != "int" or qt.grid.bits != spec.bits or bool(qt.grid.symmetric) != bool(spec.symmetric) \
             or qt.g_idx is not None or qt.perm is not None:
         raise SpecError(f"init_params: the starting QTensor ({qt!r}) must have the spec's grid ({spec.bits}-bit "
-                        f"{'symmetric' if spec.symmetric else 'asymmetric'}) and contiguous groups")
+                        f"{'symmetric' if spec.symmetric else 'asymmetric'}) and contiguous groups"
+                        + (" (GPTQ's act-order without static groups stores a g_idx; use static_groups: true)"
+                           if qt.g_idx is not None or qt.perm is not None else ""))
     zero = None if spec.symmetric else jnp.asarray(qt.zero, jnp.float32)
     return {"scale": jnp.asarray(qt.scale, jnp.float32), "zero": zero}
 

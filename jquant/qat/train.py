@@ -161,7 +161,10 @@ def _split(model, rules, init):
             continue
         lsq[p] = spec
         qt = (init or {}).get(p)
-        qparams[p] = init_params(params[p], spec, qt)
+        try:
+            qparams[p] = init_params(params[p], spec, qt)
+        except SpecError as e:
+            raise SpecError(f"{p}: {e}") from None
         if qt is not None:  # start from that result exactly: its values sit on its own grid
             start[p] = jnp.asarray(qt.dequantize(jnp.float32))
     return graphdef, treedef, paths, params, start, lsq, ste, qparams, state

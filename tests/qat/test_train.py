@@ -110,6 +110,15 @@ def test_bad_settings_and_data_are_refused():
         train(_model(), _tokens(n=2), W2, QATConfig(**FAST))
     with pytest.raises(SpecError, match="no rule quantizes"):
         train(_model(), _tokens(), [(r"nothing", jq.QuantSpec())], QATConfig(**FAST))
+    # a start whose groups are not contiguous (GPTQ act-order without static groups): named by its path
+    model = _model()
+    w = model.layers[0].mlp.down_proj.kernel.get_value()
+    gptq = jq.QuantSpec(bits=2, group_size=32, symmetric=False, method="gptq", options={"act_order": True})
+    H = jnp.eye(w.shape[0]) + 0.1
+    qt, _ = jq.quantizers.quantize_weight(w, gptq, {"hessian": H})
+    assert qt.g_idx is not None
+    with pytest.raises(SpecError, match=r"layers/0/mlp/down_proj/kernel: init_params: .*static_groups: true"):
+        train(model, _tokens(), W2, QATConfig(**FAST), init={"layers/0/mlp/down_proj/kernel": qt})
 
 
 DP_SCRIPT = r"""
