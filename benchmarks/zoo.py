@@ -288,7 +288,7 @@ def run_row(name: str, ev: Evaluator, out: str, calib_windows: int) -> dict:
     return row
 
 
-def timing(out: str, reps: int) -> list[dict]:
+def timing(out: str, reps: int, only: str = "") -> list[dict]:
     """One 8192×28672 matrix: jquant's methods against the hqq package (W4 g64); GPTQ with the
     Hessian of 16384 random input rows (its time is the solve's, the Hessian is not counted)."""
     import jax
@@ -305,10 +305,14 @@ def timing(out: str, reps: int) -> list[dict]:
     res = []
     cases = (("RTN W4 g64 (jquant)", _int(4, 64)),
              ("HQQ W4 g64 float min (jquant)", _int(4, 64, "hqq", zero_type="float")),
+             ("HQQ W4 g64 float min, scale refitted (jquant)",
+              _int(4, 64, "hqq", zero_type="float", optimize_scale=True)),
              ("HQQ W4 g64 integer zero (jquant)", _int(4, 64, "hqq")),
              ("GPTQ W4 g64 act-order static (jquant)", _gptq(4, 64)),
              ("Q4_K (jquant)", _kq("q4_k")), ("Q6_K (jquant)", _kq("q6_k")), ("Q8_0 (jquant)", _kq("q8_0")))
     for label, d in cases:
+        if only not in label:
+            continue
         spec = jq.QuantSpec.from_dict(d)
         times = []
         for r in range(reps + 1):
@@ -346,6 +350,8 @@ def main() -> int:
     ap.add_argument("--timing-only", action="store_true", help="only the timing (no quality rows)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (for BENCHMARKS.md)")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--timing-match", default="", help="time only jquant's cases whose label contains this "
+                                                         "(the hqq package is always timed)")
     ap.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "zoo.json"))
     args = ap.parse_args()
@@ -373,7 +379,11 @@ def main() -> int:
             with open(args.json, "w") as fh:
                 json.dump(doc, fh, indent=1)
     if args.timing:
-        doc["timing"] = {"shape": [8192, 28672], "rows": timing(args.out, args.reps)}
+        rows = timing(args.out, args.reps, args.timing_match)
+        if args.timing_match and doc.get("timing"):  # a partial run updates the rows it timed
+            kept = [r for r in doc["timing"]["rows"] if r["what"] not in {x["what"] for x in rows}]
+            rows = kept + rows
+        doc["timing"] = {"shape": [8192, 28672], "rows": rows}
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1)
     # The table: every finished row, in ROWS order.
