@@ -91,6 +91,10 @@ VARIANTS["qat_gptq_w2"] = ("W2 g32", "QAT from GPTQ + act-order, static groups (
                            _gptq(2, 32, "mse", act_order=True, static_groups=True),
                            {"qat": {**_QAT, "steps": 100, "checkpoint_every": 25},
                             "calibration": {"windows": 64, "seq_len": 128}})
+VARIANTS["qat_gptq_w2_slr"] = ("W2 g32", "QAT from GPTQ (as above), scales at lr 2e-5, 100 steps of 4x128",
+                               _gptq(2, 32, "mse", act_order=True, static_groups=True),
+                               {"qat": {**_QAT, "steps": 100, "scale_learning_rate": 2e-5, "checkpoint_every": 25},
+                                "calibration": {"windows": 64, "seq_len": 128}})
 VARIANTS["w4a4kv4_learned"] = ("W4A4KV4", "GPTQ per channel + act-order, learned rotation (SpinQuant, 30 steps)",
                                _gptq(4, None, act_order=True), "A4KV4+learned")
 
