@@ -416,7 +416,8 @@ class _Tokenizer:
 
         def make():
             tok = self.get()
-            return np.asarray([-1 if tok is None or data.bos_token(tok) is None else data.bos_token(tok)], np.int64)
+            bos = None if tok is None else data.bos_token(tok)
+            return np.asarray([-1 if bos is None else bos], np.int64)
 
         b = int(self._cached(b"\0bos", make)[0])
         return None if b < 0 else b

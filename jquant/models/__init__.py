@@ -107,11 +107,11 @@ def stream(path: str | os.PathLike | None = None, dtype=jnp.float32, *, tokenize
     path = resolve_model(path)
     if path.is_dir():
         model, config, read_block = stream_hf(path, dtype)
-        return model, config, _hf_tokenizer(path) if tokenizer else None, read_block
-    if path.suffix == ".gguf":
+    elif path.suffix == ".gguf":
         model, config, read_block = stream_gguf(path, dtype)
-        return model, config, load_gguf_tokenizer(path) if tokenizer else None, read_block
-    raise _not_a_model(path)
+    else:
+        raise _not_a_model(path)
+    return model, config, load_tokenizer(path) if tokenizer else None, read_block
 
 
 def _hf_tokenizer(path: Path):
